@@ -1,0 +1,72 @@
+"""Loading causal LMs and tokenizers, and building tiny ones in code (tests, benchmarks, the demo).
+
+No weights are ever downloaded by pte itself: a hub name works only where the hub is reachable.
+``trust_remote_code`` is never set.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+CHARS = string.digits + string.ascii_letters + string.punctuation + " \n"
+SPECIALS = ("<pad>", "<eos>", "<bos>")
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer (ids 0..2 are <pad>, <eos>, <bos>), built offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(CHARS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+
+
+def tiny_config(arch: str = "llama", *, vocab_size: int = 128, hidden: int = 64, layers: int = 2, heads: int = 4,
+                kv_heads: int = 2, intermediate: int | None = None, max_positions: int = 8192,
+                attn: str = "sdpa", init_std: float = 0.02):
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    cfg = cls(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, intermediate_size=intermediate or 2 * hidden,
+        max_position_embeddings=max_positions, initializer_range=init_std, tie_word_embeddings=False,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def tiny_model(arch: str = "llama", *, seed: int = 0, dtype=torch.float32, **kwargs):
+    """A randomly initialised causal LM of the given family, in eval mode."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, **kwargs)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=cfg._attn_implementation, dtype=dtype)
+    return model.eval()
+
+
+def check_family(model) -> None:
+    family = getattr(model.config, "model_type", "?")
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"model family {family!r} is not supported; pte supports {', '.join(SUPPORTED_FAMILIES)} "
+            "(decoder-only RoPE models with a standard KV cache)"
+        )
+
+
+def load(name_or_path: str, *, dtype: str = "auto", device: str = "cpu", attn: str = "sdpa"):
+    """-> (model, tokenizer). ``name_or_path``: a directory saved with ``save_pretrained`` or a hub name."""
+    local = Path(name_or_path)
+    if local.exists() and not (local / "config.json").exists():
+        raise FileNotFoundError(f"{name_or_path}: no config.json there; expected a directory written by save_pretrained")
+    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn)
+    check_family(model)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,56 @@
+"""Reference computations shared by the tests."""
+
+import math
+
+import torch
+
+from pte.rollout import Decoder, left_pad
+
+
+def thought_starts(n_thoughts: int, window: int | None, evict_fraction: float) -> list[int]:
+    """For each thought token c: the index of the oldest thought it can see (sliding window, simulated)."""
+    if window is None:
+        return [0] * n_thoughts
+    n_evict = max(1, math.ceil(round(evict_fraction * window, 9)))
+    held, evicted, starts = 0, 0, []
+    for _ in range(n_thoughts):
+        if held >= window:
+            held -= n_evict
+            evicted += n_evict
+        held += 1
+        starts.append(evicted)
+    return starts
+
+
+def masked_full_forward(model, prompts, completions, window, evict_fraction, attn):
+    """One forward over prompt+completion whose 4D mask hides what each position could not see.
+
+    -> logits [batch, 1 + T, vocab]: the last prompt position, then every completion position.
+    """
+    from conftest import reference_mask
+
+    T = len(completions[0])
+    ids, pmask = left_pad(prompts, 0)
+    P = ids.shape[1]
+    full = torch.cat([ids, torch.tensor(completions)], dim=1)
+    valid = torch.cat([pmask, torch.ones(len(prompts), T, dtype=torch.bool)], dim=1)
+    n = P + T
+    visible = torch.tril(torch.ones(n, n, dtype=torch.bool))[None] & valid[:, None, :]
+    for c, start in enumerate(thought_starts(T, window, evict_fraction)):
+        visible[:, P + c, P:P + start] = False
+    position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    mask = reference_mask(valid, visible, attn)
+    logits = model(input_ids=full, attention_mask=mask, position_ids=position_ids).logits
+    return logits[:, P - 1:]
+
+
+def cached_teacher_forced(model, cache, prompts, completions, block=1):
+    """Feed prompt then completion through ``cache`` in blocks of ``block`` tokens (a block may not cross an
+    eviction). -> logits [batch, 1 + T, vocab] aligned with :func:`masked_full_forward`."""
+    ids, pmask = left_pad(prompts, 0)
+    dec = Decoder(model, cache)
+    out = [dec.prefill(ids, pmask)[:, -1:]]
+    comp = torch.tensor(completions)
+    for i in range(0, comp.shape[1], block):
+        out.append(dec.step(comp[:, i:i + block]))
+    return torch.cat(out, dim=1)
