@@ -51,14 +51,42 @@ class CacheListener:
 
 
 class BoundedLayer(DynamicLayer):
+    """One layer's keys/values/positions in preallocated buffers, so decoding does not copy the whole cache
+    every step (``DynamicLayer`` concatenates). Under autograd (a replay with gradient) it appends
+    out of place instead, since in-place writes would break the saved tensors of earlier segments."""
+
     is_croppable = False
+    GROW = 256  # tokens added per reallocation of a full-cache buffer
 
     def __init__(self, cache: "BoundedCache", layer_idx: int):
+        self._k = self._v = self._pos = None  # [batch, kv_heads, capacity, head_dim] / [batch, capacity]
+        self._len = 0
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
-        self.positions: torch.Tensor | None = None  # [batch, physical]
         self.seen = 0
+
+    # transformers' layer code reads and assigns .keys/.values; they are views of the buffers' used part
+    keys = property(lambda self: None if self._k is None else self._k[:, :, :self._len])
+    values = property(lambda self: None if self._v is None else self._v[:, :, :self._len])
+    positions = property(lambda self: None if self._pos is None else self._pos[:, :self._len])
+
+    @keys.setter
+    def keys(self, value):
+        self._k = value
+        self._len = 0 if value is None else value.shape[-2]
+
+    @values.setter
+    def values(self, value):
+        self._v = value
+
+    @positions.setter
+    def positions(self, value):
+        self._pos = value
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
         incoming = self.cache._incoming_positions
@@ -67,29 +95,66 @@ class BoundedLayer(DynamicLayer):
                 "BoundedCache: call cache.begin_forward(position_ids) before each forward "
                 "(pte's loops do; for model.generate use cache.attach(model))"
             )
-        keys, values = super().update(key_states, value_states)
-        self.positions = incoming if self.positions is None else torch.cat([self.positions, incoming], dim=-1)
-        self.seen += key_states.shape[-2]
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, used = key_states.shape[-2], self._len
+        if self._needs_autograd(key_states, value_states):
+            self._replace(
+                key_states if used == 0 else torch.cat([self.keys, key_states], dim=2),
+                value_states if used == 0 else torch.cat([self.values, value_states], dim=2),
+                incoming if used == 0 else torch.cat([self.positions, incoming], dim=1),
+            )
+        else:
+            self._reserve(used + n, key_states, incoming)
+            self._k[:, :, used:used + n] = key_states
+            self._v[:, :, used:used + n] = value_states
+            self._pos[:, used:used + n] = incoming
+            self._len = used + n
+        self.seen += n
         if self.layer_idx == len(self.cache.layers) - 1:
             self.cache._note_peak()
-        return keys, values
+        return self.keys, self.values
+
+    def _needs_autograd(self, *new: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (any(t.requires_grad for t in new) or (self._k is not None and self._k.requires_grad))
+
+    def _replace(self, keys, values, positions) -> None:
+        self._k, self._v, self._pos, self._len = keys, values, positions, keys.shape[-2]
+
+    def _reserve(self, need: int, like: torch.Tensor, like_pos: torch.Tensor) -> None:
+        capacity = 0 if self._k is None else self._k.shape[-2]
+        if need <= capacity:
+            return
+        limit = self.cache.capacity_limit(need)
+        new_cap = min(limit, need + self.GROW) if limit is not None else need + self.GROW
+        b, h, _, d = like.shape
+        k = like.new_empty(b, h, new_cap, d)
+        v = like.new_empty(b, h, new_cap, d)
+        pos = like_pos.new_zeros(b, new_cap)
+        if self._len:
+            k[:, :, :self._len] = self.keys
+            v[:, :, :self._len] = self.values
+            pos[:, :self._len] = self.positions
+        self._k, self._v, self._pos = k, v, pos
 
     def physical_length(self) -> int:
-        return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
+        return self._len
+
+    def allocated_bytes(self) -> int:
+        return 0 if self._k is None else self._k.nbytes + self._v.nbytes
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.physical_length() + query_length, 0
+        return self._len + query_length, 0
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("BoundedCache does not support crop (assisted decoding); it evicts on its own")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.positions is not None:
-            self.positions = self.positions[indices]
+        if self._k is not None:
+            self._k, self._v, self._pos = self._k[indices], self._v[indices], self._pos[indices]
 
     def evict(self, prompt_len: int, n_evict: int, policy: EvictionPolicy):
         """Cut ``n_evict`` thought tokens; return their keys, values, positions and (if chosen) indices."""
@@ -98,16 +163,25 @@ class BoundedLayer(DynamicLayer):
         idx = policy.select(self.layer_idx, thought_k, thought_v, thought_pos, n_evict)
         if idx is None:
             out = (thought_k[:, :, :n_evict], thought_v[:, :, :n_evict], thought_pos[:, :n_evict])
-            kept_k, kept_v, kept_pos = thought_k[:, :, n_evict:], thought_v[:, :, n_evict:], thought_pos[:, n_evict:]
+            kept = (thought_k[:, :, n_evict:], thought_v[:, :, n_evict:], thought_pos[:, n_evict:])
         else:
             batch, window = thought_pos.shape
             evicted = torch.zeros(batch, window, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
             keep = (~evicted).nonzero()[:, 1].view(batch, window - n_evict)
             out = (_gather(thought_k, idx), _gather(thought_v, idx), thought_pos.gather(1, idx))
-            kept_k, kept_v, kept_pos = _gather(thought_k, keep), _gather(thought_v, keep), thought_pos.gather(1, keep)
-        self.keys = torch.cat([self.keys[:, :, :prompt_len], kept_k], dim=2)
-        self.values = torch.cat([self.values[:, :, :prompt_len], kept_v], dim=2)
-        self.positions = torch.cat([self.positions[:, :prompt_len], kept_pos], dim=1)
+            kept = (_gather(thought_k, keep), _gather(thought_v, keep), thought_pos.gather(1, keep))
+        if self._needs_autograd():
+            self._replace(*(torch.cat([whole[..., :prompt_len, :] if whole.dim() == 4 else whole[:, :prompt_len], part],
+                                      dim=2 if whole.dim() == 4 else 1)
+                            for whole, part in zip((self.keys, self.values, self.positions), kept)))
+        else:
+            out = tuple(t.clone() for t in out)  # the buffer is about to be overwritten
+            kept = tuple(t.clone() for t in kept) if idx is None else kept  # overlapping source and destination
+            end = prompt_len + kept[2].shape[1]
+            self._k[:, :, prompt_len:end] = kept[0]
+            self._v[:, :, prompt_len:end] = kept[1]
+            self._pos[:, prompt_len:end] = kept[2]
+            self._len = end
         return (*out, idx)
 
 
@@ -166,7 +240,14 @@ class BoundedCache(Cache):
         return self.layers[layer_idx].physical_length()
 
     def cache_bytes(self) -> int:
-        return sum(l.keys.nbytes + l.values.nbytes for l in self.layers if l.keys is not None)
+        """Bytes allocated for keys and values (buffers included, not just the used part)."""
+        return sum(layer.allocated_bytes() for layer in self.layers)
+
+    def capacity_limit(self, need: int) -> int | None:
+        """The most tokens a layer will ever hold (prompt + window), or None for a full cache."""
+        if self.window is None or self.prompt_len is None:
+            return None if self.window is None else need  # the prompt forward: exactly the prompt, for now
+        return max(need, self.prompt_len + self.window)
 
     def _note_peak(self) -> None:
         self.peak_tokens = max(self.peak_tokens, self.physical_length())

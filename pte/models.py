@@ -68,5 +68,16 @@ def load(name_or_path: str, *, dtype: str = "auto", device: str = "cpu", attn: s
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn)
     check_family(model)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), load_tokenizer(name_or_path)
+
+
+def load_tokenizer(name_or_path: str):
+    """AutoTokenizer, except for a generic ``tokenizer.json`` saved without a model-specific class: transformers 5
+    would map it to the model family's tokenizer class and replace its pre-tokenizer; load it as it was saved."""
+    config = Path(name_or_path) / "tokenizer_config.json"
+    if config.exists():
+        import json
+
+        if json.loads(config.read_text()).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path)

@@ -26,6 +26,10 @@ class CacheSpec:
     evict_fraction: float = 0.25
     policy: str = "sliding"
 
+    def validate(self) -> None:
+        """Raise the cache's own error for bad settings, before any model is loaded."""
+        BoundedCache(1, window=self.window, evict_fraction=self.evict_fraction, policy=self.policy)
+
     def build(self, model, listeners=(), policy: EvictionPolicy | None = None) -> BoundedCache:
         return BoundedCache.for_model(
             model, window=self.window, evict_fraction=self.evict_fraction,

@@ -1,0 +1,5 @@
+import sys
+
+from pte.cli import main
+
+sys.exit(main())

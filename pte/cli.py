@@ -1,0 +1,138 @@
+"""The ``pte`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+USER_ERRORS = (ValueError, FileNotFoundError, TypeError, KeyError)
+
+
+def _generate(args) -> int:
+    import torch
+
+    from pte.models import load
+    from pte.rollout import CacheSpec, Sampling, rollout
+
+    if args.prompt_file:
+        prompt = Path(args.prompt_file).read_text()
+    elif args.prompt is not None:
+        prompt = args.prompt
+    else:
+        raise ValueError("no prompt: pass --prompt TEXT or --prompt-file FILE")
+    if not prompt.strip():
+        raise ValueError("empty prompt: pass a question with at least one token")
+    cache = CacheSpec(window=args.cache_window, evict_fraction=args.evict_fraction, policy=args.policy)
+    cache.validate()
+    model, tok = load(args.model, dtype=args.dtype, device=args.device, attn=args.attn)
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"{args.model}: the tokenizer has no chat template; drop --chat")
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
+                                      return_dict=False)
+    else:
+        ids = tok(prompt)["input_ids"]
+    eos = set()
+    for source in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if source is not None:
+            eos.update(source if isinstance(source, list) else [source])
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        top_k=args.top_k, eos_token_ids=tuple(sorted(eos)), stop_strings=tuple(args.stop or ()))
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0)
+    res = rollout(model, [ids], sampling, cache, pad_token_id=pad, tokenizer=tok, generator=gen)
+    row = res.rows[0]
+    completion = tok.decode(row.completion_ids, skip_special_tokens=True)
+    summary = dict(
+        completion=completion, completion_ids=row.completion_ids, prompt_tokens=len(ids),
+        generated_tokens=len(row.completion_ids), finish_reason=row.finish_reason, evictions=len(row.eviction_steps),
+        eviction_steps=row.eviction_steps, window=args.cache_window, tokens_per_s=res.tokens_per_s,
+        peak_cache_tokens=res.peak_cache_tokens, peak_cache_bytes=res.peak_cache_bytes,
+    )
+    print(completion)
+    print(
+        f"[pte] {summary['generated_tokens']} tokens ({row.finish_reason}), {summary['evictions']} evictions, "
+        f"{res.tokens_per_s:.1f} tokens/s, peak cache {res.peak_cache_tokens} tokens / "
+        f"{res.peak_cache_bytes / 2**20:.2f} MiB (window {args.cache_window or 'full'})",
+        file=sys.stderr if args.json else sys.stdout,
+    )
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _bench(args) -> int:
+    from pte.bench import bench_rollout
+
+    if args.what == "rollout":
+        lengths = tuple(int(x) for x in args.lengths.split(","))
+        bench_rollout(args.json, lengths=lengths, window=args.window, batch=args.batch)
+    return 0
+
+
+def _demo(args) -> int:
+    from pte.demo import demo
+
+    return demo(quick=args.quick, out=args.out)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pte", description="Progressive Thought Encoding: reasoning under a bounded KV cache")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate a completion under a bounded (or full) KV cache")
+    g.add_argument("--model", required=True, help="a directory written by save_pretrained, or a hub name")
+    g.add_argument("--prompt", help="the question text")
+    g.add_argument("--prompt-file", help="read the question from this file")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--cache-window", type=_positive_int, default=None,
+                   help="thought tokens kept on top of the question (default: full cache)")
+    g.add_argument("--evict-fraction", type=float, default=0.25, help="fraction of the window evicted when full")
+    g.add_argument("--policy", default="sliding", help="eviction policy: sliding (paper) or keynorm")
+    g.add_argument("--max-new-tokens", type=_positive_int, required=True)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    g.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
+    g.set_defaults(func=_generate)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    b.add_argument("what", choices=["rollout"])
+    b.add_argument("--json", required=True, help="where to write the results (a PNG plot is written beside it)")
+    b.add_argument("--lengths", default="256,512,1024,2048,4096")
+    b.add_argument("--window", type=int, default=128)
+    b.add_argument("--batch", type=int, default=4)
+    b.set_defaults(func=_bench)
+
+    d = sub.add_parser("demo", help="the embedded demo")
+    d.add_argument("--quick", action="store_true", help="a short version (used by the tests)")
+    d.add_argument("--out", default="outputs/demo")
+    d.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"pte {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pte.cli import main
+from pte.models import char_tokenizer, tiny_model
+from pte.rollout import CacheSpec, Sampling, rollout
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A tiny model and tokenizer written by save_pretrained, as a user's local checkpoint would be."""
+    path = tmp_path_factory.mktemp("tiny")
+    tok = char_tokenizer()
+    model = tiny_model("qwen2", vocab_size=len(tok), init_std=0.2, seed=2, max_positions=256)
+    with torch.no_grad():  # zero logits for <pad>/<eos>/<bos>, below the max of ~95 random ones: runs to the limit
+        model.lm_head.weight[:3] = 0
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, model, tok
+
+
+def run_json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_generate_json_matches_the_engine(saved_model, capsys):
+    path, model, tok = saved_model
+    out = run_json(capsys, ["generate", "--model", str(path), "--prompt", "Q: 12+7=?", "--cache-window", "8",
+                            "--max-new-tokens", "40", "--temperature", "0", "--json"])
+    ids = tok("Q: 12+7=?")["input_ids"]
+    ref = rollout(model, [ids], Sampling(max_new_tokens=40, temperature=0, eos_token_ids=(tok.eos_token_id,)),
+                  CacheSpec(window=8)).rows[0]
+    assert out["completion_ids"] == ref.completion_ids
+    assert out["evictions"] == len(ref.eviction_steps) > 0
+    assert out["peak_cache_tokens"] == len(ids) + 8
+    assert out["peak_cache_bytes"] > 0 and out["tokens_per_s"] > 0
+    assert out["completion"] == tok.decode(ref.completion_ids, skip_special_tokens=True)
+
+
+def test_generate_seeded_sampling_and_prompt_file(saved_model, capsys, tmp_path):
+    path, _, _ = saved_model
+    f = tmp_path / "q.txt"
+    f.write_text("What is 3*4?")
+    args = ["generate", "--model", str(path), "--prompt-file", str(f), "--max-new-tokens", "20",
+            "--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "--json"]
+    assert run_json(capsys, args)["completion_ids"] == run_json(capsys, args)["completion_ids"]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--cache-window", "0"], "set window >= 1"),
+        (["--evict-fraction", "1.5"], r"must lie in \(0, 1\]"),
+        (["--policy", "lru"], "unknown eviction policy 'lru'"),
+        (["--prompt", "   "], "empty prompt"),
+        (["--prompt", "9" * 300], "longer than the model's maximum"),
+    ],
+)
+def test_generate_bad_input_is_a_clear_error(saved_model, capsys, extra, message):
+    path, _, _ = saved_model
+    argv = ["generate", "--model", str(path), "--prompt", "hi", "--max-new-tokens", "4", *extra]
+    assert main(argv) == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_generate_missing_model_dir(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "4"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_console_script_runs(saved_model):
+    path, _, _ = saved_model
+    proc = subprocess.run([sys.executable, "-m", "pte", "generate", "--model", str(path), "--prompt", "ab",
+                           "--max-new-tokens", "5", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["generated_tokens"] == 5
+
+
+def test_demo_quick_checks_exactness(capsys):
+    from pte.demo import demo
+
+    assert demo(quick=True) == 0
+    assert "max |logit - masked full forward|" in capsys.readouterr().out
