@@ -316,6 +316,12 @@ class BoundedCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("BoundedCache does not support crop (assisted decoding); it evicts on its own")
 
+    def detach_(self) -> None:
+        """Cut the autograd graph behind the cached keys/values (between replay segments)."""
+        for layer in self.layers:
+            if layer._k is not None:
+                layer._k, layer._v = layer._k.detach(), layer._v.detach()
+
     # -- model.generate ---------------------------------------------------------------------------------
     def attach(self, model):
         """Let ``model.generate(..., past_key_values=cache)`` drive this cache: a forward pre-hook calls

@@ -191,16 +191,29 @@ def rollout(
     tokenizer=None,
     generator: torch.Generator | None = None,
     listeners: tuple[CacheListener, ...] = (),
+    adapter=None,
 ) -> RolloutResult:
-    """Sample a completion for every prompt under ``cache_spec``; see :class:`RolloutRow` for what is returned."""
+    """Sample a completion for every prompt under ``cache_spec``; see :class:`RolloutRow` for what is returned.
+
+    With a PTE ``adapter`` attached, each row gets its own thought state, updated on every eviction."""
     sampling.validate()
     if sampling.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode completions; pass tokenizer=")
     stop = StopChecker(tokenizer, sampling.stop_strings) if sampling.stop_strings else None
     device = next(model.parameters()).device
     input_ids, mask = left_pad(prompts, pad_token_id, device)
-    cache = cache_spec.build(model, listeners)
+    state = adapter.new_state(len(prompts)) if adapter is not None else None
+    cache = cache_spec.build(model, tuple(listeners) + ((state,) if state is not None else ()))
     decoder = Decoder(model, cache)
+    try:
+        return _sample_loop(prompts, sampling, cache_spec, cache, decoder, input_ids, mask, stop, generator)
+    finally:
+        if adapter is not None:
+            adapter.clear_state()
+
+
+def _sample_loop(prompts, sampling, cache_spec, cache, decoder, input_ids, mask, stop, generator) -> RolloutResult:
+    device = input_ids.device
     eos = torch.tensor(sorted(set(sampling.eos_token_ids)), dtype=torch.long, device=device)
 
     rows = [RolloutRow(list(p), [], [], cache_spec.window, [], "length") for p in prompts]
