@@ -26,6 +26,7 @@ demo: setup
 
 bench: setup
 	$(VENV)/bin/pte bench rollout --json outputs/bench/rollout.json
+	$(VENV)/bin/pte bench train-memory --json outputs/bench/train_memory.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

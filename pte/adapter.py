@@ -221,14 +221,15 @@ class Adapter:
             "num_layers": self.model.config.num_hidden_layers,
         }
 
-    def save(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
-        """Adapter-only safetensors + JSON config, each written atomically (temp file, then rename)."""
+    def save(self, directory: str | os.PathLike, cache: dict | None = None, extra: dict | None = None) -> Path:
+        """Adapter-only safetensors + JSON config (method, rank, n_g, targets, the cache policy it was trained
+        under, base model id and config hash), each written atomically (temp file, then rename)."""
         from safetensors.torch import save_file
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        meta = self.metadata() | ({"extra": extra} if extra else {})
+        meta = self.metadata() | {"cache": cache} | ({"extra": extra} if extra else {})
         _atomic(out / "adapter.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
         _atomic(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
         return out

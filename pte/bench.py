@@ -23,7 +23,9 @@ from pte.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 # 4 layers, hidden 256, 4 heads (head_dim 64, no GQA), MLP 512, vocab 2048: about 3.7M parameters.
 BENCH_MODEL = dict(arch="llama", vocab_size=2048, hidden=256, layers=4, heads=4, kv_heads=4, intermediate=512,
                    max_positions=16384)
-ENGINES = ("hf_generate", "pte_full", "pte_bounded")
+# hf_generate: transformers generate, full cache. ours_full / ours_bounded: pte's engine, no adapter.
+# lora_c / pte: pte's engine under the window with a rank-32 adapter attached (PTE with its state updates).
+ENGINES = ("hf_generate", "ours_full", "ours_bounded", "lora_c", "pte")
 
 
 def _prompts(batch: int, prompt_len: int) -> list[list[int]]:
@@ -36,6 +38,11 @@ def rollout_worker(engine: str, length: int, window: int, batch: int, prompt_len
     from pte.rollout import CacheSpec, Sampling, rollout
 
     model = tiny_model(**BENCH_MODEL, seed=0)
+    adapter = None
+    if engine in ("lora_c", "pte"):
+        from pte.adapter import AdapterConfig, attach
+
+        adapter = attach(model, AdapterConfig(method=engine, rank=32, n_global=32))
     prompts = _prompts(batch, prompt_len)
     ids = torch.tensor(prompts)
 
@@ -48,9 +55,9 @@ def rollout_worker(engine: str, length: int, window: int, batch: int, prompt_len
                 return_dict_in_generate=True,
             )
             return sum(l.keys.nbytes + l.values.nbytes for l in out.past_key_values.layers)
-        spec = CacheSpec(window=window if engine == "pte_bounded" else None)
+        spec = CacheSpec(window=None if engine == "ours_full" else window)
         res = rollout(model, prompts, Sampling(max_new_tokens=n, temperature=1.0), spec,
-                      generator=torch.Generator().manual_seed(0))
+                      generator=torch.Generator().manual_seed(0), adapter=adapter)
         return res.peak_cache_bytes
 
     with torch.no_grad():
@@ -63,26 +70,126 @@ def rollout_worker(engine: str, length: int, window: int, batch: int, prompt_len
         seconds = time.perf_counter() - start
         peak = peak_rss_bytes() - before
     return {
-        "engine": engine, "length": length, "window": window if engine == "pte_bounded" else None, "batch": batch,
+        "engine": engine, "length": length, "window": None if engine in ("hf_generate", "ours_full") else window,
+        "batch": batch,
         "tokens_per_s": batch * length / seconds, "seconds": seconds, "cache_bytes": cache_bytes,
         "peak_rss_bytes": peak, "threads": torch.get_num_threads(),
     }
 
 
+def train_memory_worker(method: str, length: int, window: int, batch: int, prompt_len: int, rank: int = 32) -> dict:
+    """One training step's memory: LoRA = one teacher-forced forward/backward over prompt + completion with a
+    full cache (what TRL does); LoRA_c and PTE = the segment replay under the window (backward per segment)."""
+    from pte.adapter import AdapterConfig, attach
+    from pte.cache import sliding_eviction_steps
+    from pte.memory import measure_step
+    from pte.models import tiny_model
+    from pte.replay import replay
+    from pte.rollout import CacheSpec, RolloutRow
+
+    model = tiny_model(**BENCH_MODEL, seed=0)
+    adapter = attach(model, AdapterConfig(method=method, rank=rank, n_global=rank))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for lin in adapter.linears.values():
+            lin.A.normal_(0, 0.01, generator=g)
+    win = None if method == "lora" else window
+    prompts = _prompts(batch, prompt_len)
+    comps = torch.randint(3, BENCH_MODEL["vocab_size"], (batch, length), generator=g).tolist()
+    rows = [RolloutRow(p, c, [0.0] * length, win, sliding_eviction_steps(length - 1, win), "length")
+            for p, c in zip(prompts, comps)]
+    weights = torch.randn(batch, length, generator=g)
+    spec = CacheSpec(window=win)
+    loss_fn = lambda logp, sl: -(weights[:, sl] * logp).sum() / weights.numel()
+
+    def step():
+        replay(model, rows, spec, adapter=adapter, loss_fn=loss_fn)
+
+    rows_short = [RolloutRow(r.prompt_ids, r.completion_ids[:64], r.logprobs[:64], win,
+                             sliding_eviction_steps(63, win), "length") for r in rows]
+    replay(model, rows_short, spec, adapter=adapter, loss_fn=loss_fn)  # warm-up
+    for p in adapter.parameters():
+        p.grad = None
+    gc.collect()
+    before = rss_bytes()
+    reset_peak_rss()
+    start = time.perf_counter()
+    mem = measure_step(step)
+    seconds = time.perf_counter() - start
+    return {"method": method, "length": length, "window": win, "batch": batch, "peak_bytes": mem["peak_bytes"],
+            "peak_rss_bytes": peak_rss_bytes() - before, "seconds": seconds, "rank": rank}
+
+
+def bench_train_memory(out: str, lengths=(512, 1024, 2048, 4096, 8192), window: int = 128, batch: int = 1,
+                       prompt_len: int = 32, methods=("lora", "lora_c", "pte")) -> list[dict]:
+    configs = [dict(method=m, length=n, window=window, batch=batch, prompt_len=prompt_len)
+               for n in lengths for m in methods]
+    results = _run_workers("train-memory-worker", configs,
+                           lambda r: f"peak {r['peak_bytes'] / 2**20:.1f} MiB live tensors, {r['seconds']:.1f}s")
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, json.dumps(results, indent=1))
+    plot_train_memory(results, path.with_suffix(".png"))
+    print(train_memory_table(results))
+    return results
+
+
+def train_memory_table(results: list[dict]) -> str:
+    by = {(r["method"], r["length"]): r for r in results}
+    lines = ["| generated tokens | LoRA (full cache) MiB | LoRA_c MiB | PTE MiB | PTE / LoRA | RSS Δ MiB LoRA / LoRA_c / PTE |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    mib = lambda x: x / 2**20
+    for n in sorted({r["length"] for r in results}):
+        lo, lc, pt = by.get(("lora", n)), by.get(("lora_c", n)), by.get(("pte", n))
+        if not (lo and lc and pt):
+            continue
+        lines.append(f"| {n} | {mib(lo['peak_bytes']):.1f} | {mib(lc['peak_bytes']):.1f} | {mib(pt['peak_bytes']):.1f} "
+                     f"| {pt['peak_bytes'] / lo['peak_bytes']:.2f} | {mib(lo['peak_rss_bytes']):.0f} / "
+                     f"{mib(lc['peak_rss_bytes']):.0f} / {mib(pt['peak_rss_bytes']):.0f} |")
+    return "\n".join(lines)
+
+
+def plot_train_memory(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in ("lora", "lora_c", "pte"):
+        rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["length"])
+        if rows:
+            ax.plot([r["length"] for r in rows], [r["peak_bytes"] / 2**20 for r in rows], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("generated tokens")
+    ax.set_ylabel("peak live tensor MiB, one training step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _run_workers(kind: str, configs: list[dict], describe) -> list[dict]:
+    results = []
+    for i, cfg in enumerate(configs, 1):
+        label = " ".join(f"{k}={v}" for k, v in cfg.items() if k in ("engine", "method", "length"))
+        print(f"[{i}/{len(configs)}] {label} ...", end=" ", flush=True, file=sys.stderr)
+        proc = subprocess.run([sys.executable, "-m", "pte.bench", kind, json.dumps(cfg)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark worker {label} failed:\n{proc.stderr[-4000:]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(describe(row), file=sys.stderr)
+        results.append(row)
+    return results
+
+
 def bench_rollout(out: str, lengths=(256, 512, 1024, 2048, 4096), window: int = 128, batch: int = 4,
                   prompt_len: int = 32, engines=ENGINES) -> list[dict]:
-    results = []
-    configs = [(e, n) for n in lengths for e in engines]
-    for i, (engine, n) in enumerate(configs, 1):
-        print(f"[{i}/{len(configs)}] {engine} length={n} ...", end=" ", flush=True, file=sys.stderr)
-        args = json.dumps(dict(engine=engine, length=n, window=window, batch=batch, prompt_len=prompt_len))
-        proc = subprocess.run([sys.executable, "-m", "pte.bench", "rollout-worker", args],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"benchmark worker {engine} length={n} failed:\n{proc.stderr[-4000:]}")
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{row['tokens_per_s']:.0f} tok/s, cache {row['cache_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
-        results.append(row)
+    configs = [dict(engine=e, length=n, window=window, batch=batch, prompt_len=prompt_len)
+               for n in lengths for e in engines]
+    results = _run_workers("rollout-worker", configs,
+                           lambda r: f"{r['tokens_per_s']:.0f} tok/s, cache {r['cache_bytes'] / 2**20:.1f} MiB")
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, json.dumps(results, indent=1))
@@ -95,18 +202,22 @@ def rollout_table(results: list[dict]) -> str:
     by = {(r["engine"], r["length"]): r for r in results}
     lengths = sorted({r["length"] for r in results})
     lines = [
-        "| length | generate tok/s | pte full tok/s (ratio) | pte bounded tok/s (ratio) | generate cache MiB | pte bounded cache MiB | peak RSS Δ MiB generate / full / bounded |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| length | generate tok/s | ours full (× generate) | ours bounded (× generate) | LoRA_c bounded | PTE bounded (× LoRA_c) "
+        "| cache MiB generate / ours full / bounded | peak RSS Δ MiB generate / ours full / bounded / PTE |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    mib = lambda x: x / 2**20
     for n in lengths:
-        g, f, b = by.get(("hf_generate", n)), by.get(("pte_full", n)), by.get(("pte_bounded", n))
-        if not (g and f and b):
+        g, f, b, lc, pt = (by.get((e, n)) for e in ENGINES)
+        if not all((g, f, b, lc, pt)):
             continue
-        mib = lambda x: x / 2**20
+        tps = lambda r: r["tokens_per_s"]
         lines.append(
-            f"| {n} | {g['tokens_per_s']:.0f} | {f['tokens_per_s']:.0f} ({f['tokens_per_s'] / g['tokens_per_s']:.2f}x) "
-            f"| {b['tokens_per_s']:.0f} ({b['tokens_per_s'] / g['tokens_per_s']:.2f}x) | {mib(g['cache_bytes']):.1f} "
-            f"| {mib(b['cache_bytes']):.2f} | {mib(g['peak_rss_bytes']):.0f} / {mib(f['peak_rss_bytes']):.0f} / {mib(b['peak_rss_bytes']):.0f} |"
+            f"| {n} | {tps(g):.0f} | {tps(f):.0f} ({tps(f) / tps(g):.2f}×) | {tps(b):.0f} ({tps(b) / tps(g):.2f}×) "
+            f"| {tps(lc):.0f} | {tps(pt):.0f} ({tps(pt) / tps(lc):.2f}×) "
+            f"| {mib(g['cache_bytes']):.1f} / {mib(f['cache_bytes']):.1f} / {mib(b['cache_bytes']):.2f} "
+            f"| {mib(g['peak_rss_bytes']):.0f} / {mib(f['peak_rss_bytes']):.0f} / {mib(b['peak_rss_bytes']):.0f} / "
+            f"{mib(pt['peak_rss_bytes']):.0f} |"
         )
     return "\n".join(lines)
 
@@ -142,8 +253,10 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+WORKERS = {"rollout-worker": rollout_worker, "train-memory-worker": train_memory_worker}
+
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "rollout-worker":
-        print(json.dumps(rollout_worker(**json.loads(sys.argv[2]))))
+    if len(sys.argv) == 3 and sys.argv[1] in WORKERS:
+        print(json.dumps(WORKERS[sys.argv[1]](**json.loads(sys.argv[2]))))
     else:
-        sys.exit("usage: python -m pte.bench rollout-worker JSON (use `pte bench rollout` instead)")
+        sys.exit("usage: python -m pte.bench {rollout-worker|train-memory-worker} JSON (use `pte bench` instead)")

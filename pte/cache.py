@@ -29,6 +29,19 @@ from transformers.cache_utils import Cache, DynamicLayer
 from pte.eviction import EvictionPolicy, make_policy
 
 
+def n_evict_for(window: int, evict_fraction: float) -> int:
+    """Tokens cut per eviction: ceil(evict_fraction * window), at least one."""
+    return max(1, math.ceil(round(evict_fraction * window, 9)))
+
+
+def sliding_eviction_steps(n_fed: int, window: int | None, evict_fraction: float = 0.25) -> list[int]:
+    """Completion indices c (< n_fed) whose feeding forward is preceded by an eviction, for a count-based policy."""
+    if window is None:
+        return []
+    m = n_evict_for(window, evict_fraction)
+    return list(range(window, n_fed, m))
+
+
 @dataclass
 class EvictionEvent:
     """What one eviction removed. Lists are per layer."""
@@ -212,7 +225,7 @@ class BoundedCache(Cache):
         super().__init__(layers=[BoundedLayer(self, i) for i in range(num_layers)])
         self.window = window
         self.evict_fraction = evict_fraction
-        self.n_evict = None if window is None else max(1, math.ceil(round(evict_fraction * window, 9)))
+        self.n_evict = None if window is None else n_evict_for(window, evict_fraction)
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.listeners = list(listeners)
         self.prompt_len: int | None = None

@@ -27,6 +27,15 @@ def _generate(args) -> int:
     cache = CacheSpec(window=args.cache_window, evict_fraction=args.evict_fraction, policy=args.policy)
     cache.validate()
     model, tok = load(args.model, dtype=args.dtype, device=args.device, attn=args.attn)
+    adapter = None
+    if args.adapter:
+        from pte.adapter import load as load_adapter
+
+        adapter = load_adapter(model, args.adapter)
+        trained = (read_adapter_config(args.adapter).get("cache") or {}).get("window")
+        if trained is not None and args.cache_window is None:
+            print(f"[pte] note: adapter was trained with window {trained}; running with a full cache "
+                  f"(pass --cache-window {trained} to match)", file=sys.stderr)
     if args.chat:
         if not getattr(tok, "chat_template", None):
             raise ValueError(f"{args.model}: the tokenizer has no chat template; drop --chat")
@@ -42,7 +51,7 @@ def _generate(args) -> int:
                         top_k=args.top_k, eos_token_ids=tuple(sorted(eos)), stop_strings=tuple(args.stop or ()))
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0)
-    res = rollout(model, [ids], sampling, cache, pad_token_id=pad, tokenizer=tok, generator=gen)
+    res = rollout(model, [ids], sampling, cache, pad_token_id=pad, tokenizer=tok, generator=gen, adapter=adapter)
     row = res.rows[0]
     completion = tok.decode(row.completion_ids, skip_special_tokens=True)
     summary = dict(
@@ -63,12 +72,34 @@ def _generate(args) -> int:
     return 0
 
 
+def read_adapter_config(directory):
+    from pte.adapter import read_config
+
+    return read_config(directory)
+
+
 def _bench(args) -> int:
-    from pte.bench import bench_rollout
+    from pte.bench import bench_rollout, bench_train_memory
 
     if args.what == "rollout":
-        lengths = tuple(int(x) for x in args.lengths.split(","))
-        bench_rollout(args.json, lengths=lengths, window=args.window, batch=args.batch)
+        lengths = tuple(int(x) for x in (args.lengths or "256,512,1024,2048,4096").split(","))
+        bench_rollout(args.json, lengths=lengths, window=args.window, batch=args.batch or 4)
+    else:
+        lengths = tuple(int(x) for x in (args.lengths or "512,1024,2048,4096,8192").split(","))
+        bench_train_memory(args.json, lengths=lengths, window=args.window, batch=args.batch or 1)
+    return 0
+
+
+def _export(args) -> int:
+    from pte.adapter import export_peft
+    from pte.adapter import load as load_adapter
+    from pte.models import load
+
+    if not args.peft:
+        raise ValueError("choose an export format: --peft")
+    model, _ = load(args.model)
+    out = export_peft(load_adapter(model, args.adapter), args.out)
+    print(f"[pte] wrote a PEFT LoRA adapter to {out}")
     return 0
 
 
@@ -107,16 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="cpu")
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    g.add_argument("--adapter", help="a trained adapter directory (its thought state updates on every eviction)")
     g.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
     g.set_defaults(func=_generate)
 
-    b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("what", choices=["rollout"])
+    b = sub.add_parser("bench", help="benchmarks (each configuration in a fresh subprocess)")
+    b.add_argument("what", choices=["rollout", "train-memory"])
     b.add_argument("--json", required=True, help="where to write the results (a PNG plot is written beside it)")
-    b.add_argument("--lengths", default="256,512,1024,2048,4096")
+    b.add_argument("--lengths", default=None, help="comma-separated generation lengths")
     b.add_argument("--window", type=int, default=128)
-    b.add_argument("--batch", type=int, default=4)
+    b.add_argument("--batch", type=int, default=None, help="default 4 for rollout, 1 for train-memory")
     b.set_defaults(func=_bench)
+
+    e = sub.add_parser("export", help="export a static adapter (lora / lora_c) to another format")
+    e.add_argument("--peft", action="store_true", help="PEFT's LoRA format (loads in PEFT and vLLM)")
+    e.add_argument("--model", required=True, help="the base model the adapter was trained on")
+    e.add_argument("--adapter", required=True)
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=_export)
 
     d = sub.add_parser("demo", help="the embedded demo")
     d.add_argument("--quick", action="store_true", help="a short version (used by the tests)")

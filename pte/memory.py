@@ -50,3 +50,88 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class LiveTensorBytes:
+    """Peak bytes of tensor storages allocated inside the block and alive at once (CPU or CUDA).
+
+    A ``TorchDispatchMode`` sees every op's outputs, including those of backward; each new storage is counted
+    until its finaliser runs. Tensors that existed before the block (the weights) are not counted, so this is
+    the working memory of what runs inside: activations, saved tensors, caches, gradients, optimizer state.
+    """
+
+    def __init__(self):
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in _tree_tensors(out):
+                    tracker._track(t)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+    def _track(self, t) -> None:
+        import weakref
+
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        key = storage._cdata
+        if key in self._seen:
+            return
+        nbytes = storage.nbytes()
+        self._seen.add(key)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, nbytes)
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+
+def _tree_tensors(out):
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (list, tuple)):
+        for o in out:
+            yield from _tree_tensors(o)
+
+
+def measure_step(fn, device: str = "cpu") -> dict:
+    """Run ``fn()`` once and report its memory: peak live tensor bytes (primary, any device), and on CUDA
+    ``max_memory_allocated`` above the starting allocation. The one helper every benchmark uses."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    out = {}
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    with LiveTensorBytes() as tracker:
+        fn()
+    out["peak_bytes"] = tracker.peak
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - start
+    return out

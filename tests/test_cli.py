@@ -86,3 +86,39 @@ def test_demo_quick_checks_exactness(capsys):
 
     assert demo(quick=True) == 0
     assert "max |logit - masked full forward|" in capsys.readouterr().out
+
+
+def test_generate_with_adapter_runs_the_trained_policy(saved_model, capsys, tmp_path):
+    """`--adapter` loads a PTE adapter and applies its state updates: the same tokens as the API rollout."""
+    from pte.adapter import AdapterConfig, attach
+    from pte.models import load
+
+    path, _, tok = saved_model
+    model, _ = load(str(path))
+    adapter = attach(model, AdapterConfig(method="pte", rank=4, n_global=4, seed=3))
+    with torch.no_grad():
+        for lin in adapter.linears.values():
+            lin.A.normal_(0, 0.5)
+    adapter.save(tmp_path / "ad", cache={"window": 6, "evict_fraction": 0.25, "policy": "sliding"})
+    ids = tok("Q: 5*5=?")["input_ids"]
+    s = Sampling(max_new_tokens=30, temperature=0, eos_token_ids=(tok.eos_token_id,))
+    ref = rollout(model, [ids], s, CacheSpec(window=6), adapter=adapter).rows[0]
+    base = rollout(model, [ids], s, CacheSpec(window=6)).rows[0]
+    assert ref.completion_ids != base.completion_ids  # the adapter changes the policy
+    out = run_json(capsys, ["generate", "--model", str(path), "--adapter", str(tmp_path / "ad"), "--prompt", "Q: 5*5=?",
+                            "--cache-window", "6", "--max-new-tokens", "30", "--temperature", "0", "--json"])
+    assert out["completion_ids"] == ref.completion_ids
+
+
+def test_export_peft_command(saved_model, tmp_path, capsys):
+    from pte.adapter import AdapterConfig, attach
+    from pte.models import load
+
+    path, _, _ = saved_model
+    model, _ = load(str(path))
+    attach(model, AdapterConfig(method="lora_c", rank=4, n_global=4)).save(tmp_path / "ad")
+    assert main(["export", "--peft", "--model", str(path), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "p")]) == 0
+    assert {p.name for p in (tmp_path / "p").iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
+    attach(load(str(path))[0], AdapterConfig(method="pte", rank=4, n_global=4)).save(tmp_path / "ad2")
+    assert main(["export", "--peft", "--model", str(path), "--adapter", str(tmp_path / "ad2"), "--out", str(tmp_path / "q")]) == 2
+    assert "input-dependent state" in capsys.readouterr().err
