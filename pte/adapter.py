@@ -20,6 +20,7 @@ commonly run that way in RL recipes. Any subset can be chosen.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -198,6 +199,19 @@ class Adapter:
         c = self.config
         return ThoughtState(self.encoders, self.slots, batch, update=c.state_update, ablation=c.ablation,
                             key_rope=c.key_rope)
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The base model, exactly (every adapted linear adds 0): the KL reference, with no second copy of the
+        weights."""
+        scales = {k: lin.scale for k, lin in self.linears.items()}
+        for lin in self.linears.values():
+            lin.scale = 0.0
+        try:
+            yield
+        finally:
+            for k, lin in self.linears.items():
+                lin.scale = scales[k]
 
     def clear_state(self) -> None:
         for slot in self.slots:

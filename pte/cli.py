@@ -103,6 +103,16 @@ def _export(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from pte.config import load_config
+    from pte.train import train
+
+    cfg = load_config(args.config, args.set or [])
+    last = train(cfg, resume=args.resume)
+    print(json.dumps(last))
+    return 0
+
+
 def _demo(args) -> int:
     from pte.demo import demo
 
@@ -149,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--window", type=int, default=128)
     b.add_argument("--batch", type=int, default=None, help="default 4 for rollout, 1 for train-memory")
     b.set_defaults(func=_bench)
+
+    t = sub.add_parser("train", help="cache-aware GRPO training (LoRA / LoRA_c / PTE)")
+    t.add_argument("--config", help="a YAML config (see configs/)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=0.01")
+    t.add_argument("--resume", help="a run directory or checkpoint to continue from")
+    t.set_defaults(func=_train)
 
     e = sub.add_parser("export", help="export a static adapter (lora / lora_c) to another format")
     e.add_argument("--peft", action="store_true", help="PEFT's LoRA format (loads in PEFT and vLLM)")

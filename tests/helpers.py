@@ -54,3 +54,4 @@ def cached_teacher_forced(model, cache, prompts, completions, block=1):
     for i in range(0, comp.shape[1], block):
         out.append(dec.step(comp[:, i:i + block]))
     return torch.cat(out, dim=1)
+

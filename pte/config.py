@@ -1,0 +1,198 @@
+"""Training configuration: dataclasses loaded from YAML, overridden by ``--set key=value``, validated before any
+model is loaded. An unknown key or an impossible value is an error naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pte.adapter import AdapterConfig
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-char"  # a save_pretrained directory, a hub name, or "tiny-char" (a tiny Llama built in code)
+    dtype: str = "float32"
+    attn: str = "sdpa"
+    device: str = "cpu"
+    tiny_seed: int = 0  # for "tiny-char"
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # JSONL / Parquet / HF save_to_disk directory
+    task: str | None = "copy_digit"  # a generator in pte.tasks, used when path is None
+    prompt_field: str = "question"
+    answer_field: str = "answer"
+    answer_format: str = "auto"  # auto | gsm8k | boxed | plain
+    template: str = "{prompt}"  # "chat" or a format string with {prompt}
+    limit: int | None = None
+
+
+@dataclass
+class CacheConfig:
+    window: int | str | None = "auto"  # thought tokens; "auto": the longest question in the micro-batch (paper)
+    evict_fraction: float = 0.25
+    policy: str = "sliding"
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8
+    prompts_per_step: int = 4
+    num_iterations: int = 1  # optimisation passes per batch (PPO epochs)
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    beta: float = 0.0  # the paper gives no value; TRL's default is 0
+    kl_reference: str = "full"  # full: the base model over the full context (eq. 3); bounded: under the same cache
+    adv_eps: float = 1e-6
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-2  # ours, for tiny models; the paper's 1e-5 is for 3-8B models
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class RewardConfig:
+    kind: str = "task"  # "task": the synthetic task's own scorer; "math": math-verify against the gold answer
+    workers: int = 2
+    timeout: float = 10.0
+
+
+@dataclass
+class RunConfig:
+    steps: int = 30
+    out_dir: str = "runs/train"
+    seed: int = 0
+    save_every: int = 10
+    keep_last: int = 2
+    threads: int = 2
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=lambda: AdapterConfig(method="pte", rank=8, n_global=8))
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        checks = [
+            (self.run.steps >= 1, "run.steps", "must be >= 1"),
+            (self.run.save_every >= 1, "run.save_every", "must be >= 1"),
+            (self.run.keep_last >= 1, "run.keep_last", "must be >= 1"),
+            (self.run.threads >= 1, "run.threads", "must be >= 1"),
+            (self.grpo.group_size >= 2, "grpo.group_size", "must be >= 2: advantages compare completions of one prompt"),
+            (self.grpo.prompts_per_step >= 1, "grpo.prompts_per_step", "must be >= 1"),
+            (self.grpo.num_iterations >= 1, "grpo.num_iterations", "must be >= 1"),
+            (0 <= self.grpo.clip_low < 1, "grpo.clip_low", "must lie in [0, 1)"),
+            (self.grpo.clip_high >= 0, "grpo.clip_high", "must be >= 0"),
+            (self.grpo.beta >= 0, "grpo.beta", "must be >= 0"),
+            (self.grpo.kl_reference in ("full", "bounded"), "grpo.kl_reference", "choose full or bounded"),
+            (self.optim.lr > 0, "optim.lr", "must be > 0"),
+            (self.optim.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0"),
+            (self.sampling.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1"),
+            (self.sampling.temperature > 0, "sampling.temperature", "must be > 0 for RL (greedy rollouts give no spread)"),
+            (0 < self.sampling.top_p <= 1, "sampling.top_p", "must lie in (0, 1]"),
+            (0 < self.cache.evict_fraction <= 1, "cache.evict_fraction", "must lie in (0, 1]"),
+            (self.reward.kind in ("task", "math"), "reward.kind", "choose task or math"),
+            (self.reward.timeout > 0, "reward.timeout", "must be > 0 seconds"),
+            (self.data.path is not None or self.data.task is not None, "data.path", "set data.path or data.task"),
+            (self.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "choose float32, bfloat16 or float16"),
+        ]
+        for ok, key, why in checks:
+            if not ok:
+                raise ValueError(f"{key}={_lookup(self, key)!r}: {why}")
+        w = self.cache.window
+        if not (w is None or w == "auto" or (isinstance(w, int) and not isinstance(w, bool) and w >= 1)):
+            raise ValueError(f"cache.window={w!r}: an int >= 1, 'auto' (the longest question in the micro-batch) "
+                             "or null (full cache)")
+        if self.adapter.method == "lora" and w is not None:
+            raise ValueError(f"adapter.method=lora trains with a full cache: set cache.window=null (got {w!r}), "
+                             "or use lora_c for the sliding window")
+        if self.adapter.method in ("lora_c", "pte") and w is None:
+            raise ValueError(f"adapter.method={self.adapter.method} needs a bounded cache: set cache.window")
+        self.adapter.validate()
+
+
+def _lookup(cfg, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        name = sorted(unknown)[0]
+        section = prefix.rstrip(".") or "the top level"
+        raise ValueError(f"unknown config key '{prefix}{name}'; known keys under {section}: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        f = known[name]
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub):
+            merged = {k.name: getattr(sub, k.name) for k in dataclasses.fields(sub)} | (value or {})
+            kwargs[name] = _build(type(sub), merged, f"{prefix}{name}.")
+        else:
+            kwargs[name] = tuple(value) if isinstance(getattr(cls(), name, None), tuple) and isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def _parse_value(text: str):
+    return yaml.safe_load(text)
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"config {path}: no such file")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config {path}: the top level must be a mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=0.01")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {part} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    try:
+        cfg = _build(TrainConfig, raw, "")
+    except TypeError as exc:
+        raise ValueError(f"config: {exc}") from None
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,321 @@
+"""``pte train``: cache-aware GRPO (paper eq. 3) for LoRA, LoRA_c and PTE — one loop, the method is a config field.
+
+Each step, read as the algorithm:
+  1. take ``prompts_per_step`` prompts; sample ``group_size`` completions of each under the method's cache policy
+     (the rollout engine, no grad, PTE's state updated on every eviction);
+  2. score them; group-normalised advantages;
+  3. optionally, reference log-probs of the frozen base model (adapter disabled): over the full context, or under the
+     same cache policy (``grpo.kl_reference``), computed before the replay in a no-grad pass;
+  4. for ``num_iterations`` passes: replay the completions under the same cache policy with the clipped token-level
+     loss (rollout log-probs as pi_old), backward once per segment; clip the gradient norm; Adam step;
+  5. log; every ``save_every`` steps write an atomic checkpoint (adapter, optimizer, every RNG, data position).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pte.adapter import Adapter, attach
+from pte.config import TrainConfig, to_dict
+from pte.data import Example, load_examples, render_prompt
+from pte.grpo import TokenBatch, clipped_token_loss, group_advantages
+from pte.memory import LiveTensorBytes
+from pte.replay import replay
+from pte.rollout import CacheSpec, Sampling, rollout
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+# -- set-up -----------------------------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig):
+    from pte.models import char_tokenizer, load, tiny_model
+
+    if cfg.model.name == "tiny-char":
+        tok = char_tokenizer()
+        model = tiny_model("llama", vocab_size=len(tok), hidden=64, layers=2, heads=4, kv_heads=2,
+                           seed=cfg.model.tiny_seed, max_positions=4096)
+        return model, tok
+    return load(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, attn=cfg.model.attn)
+
+
+def build_examples(cfg: TrainConfig) -> tuple[list[Example], object | None]:
+    if cfg.data.path:
+        return load_examples(cfg.data.path, cfg.data.prompt_field, cfg.data.answer_field, cfg.data.answer_format,
+                             cfg.data.limit), None
+    from pte.tasks import make_task
+
+    task = make_task(cfg.data.task)
+    return task.examples(cfg.data.limit or 10_000, seed=cfg.run.seed), task
+
+
+def example_at(examples: list[Example], position: int, seed: int) -> Example:
+    """The example at a global position: epoch e visits a permutation seeded by (seed, e)."""
+    epoch, i = divmod(position, len(examples))
+    order = list(range(len(examples)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return examples[order[i]]
+
+
+class Rewarder:
+    def __init__(self, cfg: TrainConfig, task):
+        self.task, self.grader = task, None
+        if cfg.reward.kind == "task" and task is None:
+            raise ValueError("reward.kind=task needs data.task (a synthetic task); use reward.kind=math for data.path")
+        if cfg.reward.kind == "math":
+            from pte.rewards import MathGrader
+
+            self.grader = MathGrader(workers=cfg.reward.workers, timeout=cfg.reward.timeout)
+
+    def __call__(self, completions: list[str], answers: list[str]) -> list[float]:
+        if self.grader is not None:
+            return self.grader.grade(completions, answers)
+        return [self.task.score(c, a) for c, a in zip(completions, answers)]
+
+    def failures(self) -> dict:
+        if self.grader is None:
+            return {}
+        return {"grade_timeouts": self.grader.stats.timeouts, "grade_errors": self.grader.stats.errors}
+
+    def close(self):
+        if self.grader is not None:
+            self.grader.close()
+
+
+# -- checkpoints --------------------------------------------------------------------------------------------------
+def _code_version() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def save_checkpoint(run_dir: Path, step: int, cfg: TrainConfig, adapter: Adapter, optimizer, gen: torch.Generator,
+                    data_position: int) -> Path:
+    """Write ``checkpoint-{step}`` atomically: everything goes to a temporary directory renamed at the end."""
+    from safetensors.torch import save_file
+
+    final = run_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
+    tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    adapter.save(tmp, cache=asdict(cfg.cache))
+    opt = optimizer.state_dict()
+    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, st in opt["state"].items() for k, v in st.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.sampling"] = gen.get_state()
+    np_state = np.random.get_state()
+    tensors["rng.numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    save_file(tensors, str(tmp / "trainer_tensors.safetensors"))
+    py_state = random.getstate()
+    state = {
+        "step": step, "data_position": data_position, "threads": torch.get_num_threads(),
+        "param_groups": opt["param_groups"], "param_names": [n for n, _ in adapter.named_parameters()],
+        "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
+        "rng_numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "config": to_dict(cfg), "code_version": _code_version(),
+    }
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    checkpoints = sorted(run_dir.glob(f"{CHECKPOINT_PREFIX}*"))
+    for old in checkpoints[: -cfg.run.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(path: Path) -> Path:
+    if path.name.startswith(CHECKPOINT_PREFIX) and (path / "trainer_state.json").exists():
+        return path
+    found = sorted(path.glob(f"{CHECKPOINT_PREFIX}*"))
+    if not found:
+        raise FileNotFoundError(f"--resume {path}: no {CHECKPOINT_PREFIX}* directory there")
+    return found[-1]
+
+
+def restore_checkpoint(ckpt: Path, adapter: Adapter, optimizer, gen: torch.Generator) -> dict:
+    from safetensors.torch import load_file
+
+    from pte.adapter import read_config
+
+    meta = read_config(ckpt)
+    if meta["adapter"] != asdict(adapter.config) | {"targets": list(adapter.config.targets)}:
+        raise ValueError(f"{ckpt}: its adapter config {meta['adapter']} differs from this run's "
+                         f"{asdict(adapter.config)}; resume with the run's own config")
+    adapter.load_state_dict(load_file(str(ckpt / "adapter.safetensors")))
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    tensors = load_file(str(ckpt / "trainer_tensors.safetensors"))
+    opt_state: dict = {"state": {}, "param_groups": state["param_groups"]}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, i, name = key.split(".", 2)
+            opt_state["state"].setdefault(int(i), {})[name] = value
+    optimizer.load_state_dict(opt_state)
+    torch.set_rng_state(tensors["rng.torch"])
+    gen.set_state(tensors["rng.sampling"])
+    version, keys, gauss = state["rng_python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, pos, has_gauss, cached = state["rng_numpy"]
+    np.random.set_state((name, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_num_threads(state["threads"])
+    return state
+
+
+# -- the loop -------------------------------------------------------------------------------------------------------
+def reference_logprobs(model, adapter: Adapter, rows, cfg: TrainConfig, spec: CacheSpec) -> torch.Tensor:
+    """The frozen base model's log-probs (adapter disabled, no second copy of the weights), no grad."""
+    ref_spec = CacheSpec(window=None) if cfg.grpo.kl_reference == "full" else spec
+    full_rows = rows if ref_spec.window == spec.window else [
+        type(r)(r.prompt_ids, r.completion_ids, r.logprobs, None, [], r.finish_reason) for r in rows]
+    with torch.no_grad(), adapter.disabled():
+        return replay(model, full_rows, ref_spec, temperature=cfg.sampling.temperature).logprobs
+
+
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict:
+    cfg.validate()
+    torch.set_num_threads(cfg.run.threads)
+    random.seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    examples, task = build_examples(cfg)  # data errors surface before the model loads
+    model, tok = build_model(cfg)
+    adapter = attach(model, cfg.adapter)
+    optimizer = torch.optim.Adam(adapter.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    run_dir = Path(cfg.run.out_dir)
+    start_step, position = 0, 0
+    if resume:
+        state = restore_checkpoint(latest_checkpoint(Path(resume)), adapter, optimizer, gen)
+        start_step, position = state["step"], state["data_position"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg) | {"code_version": _code_version()}, indent=1))
+    rewarder = Rewarder(cfg, task)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    eos = tuple(x for x in [tok.eos_token_id] if x is not None)
+    sampling = Sampling(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
+                        top_p=cfg.sampling.top_p, eos_token_ids=eos, stop_strings=tuple(cfg.sampling.stop))
+    G, P = cfg.grpo.group_size, cfg.grpo.prompts_per_step
+    bar = _progress(cfg.run.steps, start_step, progress)
+    log_path = run_dir / "metrics.jsonl"
+    last = {}
+    try:
+        for step in range(start_step, cfg.run.steps):
+            t0 = time.perf_counter()
+            batch = [example_at(examples, position + i, cfg.run.seed) for i in range(P)]
+            position += P
+            prompt_ids = [render_prompt(tok, ex.prompt, cfg.data.template) for ex in batch]
+            window = cfg.cache.window if cfg.cache.window != "auto" else max(len(p) for p in prompt_ids)
+            spec = CacheSpec(window=window, evict_fraction=cfg.cache.evict_fraction, policy=cfg.cache.policy)
+            rows_prompts = [p for p in prompt_ids for _ in range(G)]
+            with LiveTensorBytes() as rollout_mem:
+                res = rollout(model, rows_prompts, sampling, spec, pad_token_id=pad, tokenizer=tok, generator=gen,
+                              adapter=adapter)
+            texts = [tok.decode(r.completion_ids, skip_special_tokens=True) for r in res.rows]
+            rewards = torch.tensor(rewarder(texts, [ex.answer for ex in batch for _ in range(G)]))
+            adv = group_advantages(rewards.view(P, G), cfg.grpo.adv_eps).view(-1, 1)
+            T = max(len(r.completion_ids) for r in res.rows)
+            old = torch.zeros(len(res.rows), T)
+            mask = torch.zeros(len(res.rows), T, dtype=torch.bool)
+            for i, r in enumerate(res.rows):
+                old[i, :len(r.logprobs)] = torch.tensor(r.logprobs)
+                mask[i, :len(r.logprobs)] = True
+            ref = None
+            with LiveTensorBytes() as ref_mem:
+                if cfg.grpo.beta > 0:
+                    ref = reference_logprobs(model, adapter, res.rows, cfg, spec)
+            tb = TokenBatch(advantages=adv, old_logp=old, mask=mask, ref_logp=ref, normalizer=float(mask.sum()))
+            stats = {"clipped_tokens": 0.0, "tokens": 0.0, "kl_sum": 0.0}
+
+            def loss_fn(logp, cols):
+                loss, s = clipped_token_loss(logp, tb, cols, clip_low=cfg.grpo.clip_low, clip_high=cfg.grpo.clip_high,
+                                             beta=cfg.grpo.beta)
+                for k, v in s.items():
+                    stats[k] += v
+                return loss
+
+            mismatch, loss_value = 0.0, 0.0
+            with LiveTensorBytes() as replay_mem:
+                for it in range(cfg.grpo.num_iterations):
+                    optimizer.zero_grad(set_to_none=True)
+                    rep = replay(model, res.rows, spec, adapter=adapter, temperature=cfg.sampling.temperature,
+                                 loss_fn=loss_fn, pad_token_id=pad)
+                    if it == 0:
+                        mismatch = float(((rep.logprobs - old).abs() * mask).max())
+                        loss_value = rep.loss
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.optim.max_grad_norm))
+                    optimizer.step()
+            seconds = time.perf_counter() - t0
+            last = {
+                "step": step + 1, "reward": float(rewards.mean()), "reward_max": float(rewards.max()),
+                "accuracy": float((rewards >= 1.0).float().mean()), "loss": loss_value, "grad_norm": grad_norm,
+                "clip_fraction": stats["clipped_tokens"] / max(stats["tokens"], 1.0),
+                "kl": stats["kl_sum"] / max(stats["tokens"], 1.0) if cfg.grpo.beta > 0 else 0.0,
+                "logprob_mismatch": mismatch, "response_length": float(mask.sum(1).float().mean()),
+                "evictions_per_sample": float(np.mean([len(r.eviction_steps) for r in res.rows])),
+                "window": window, "rollout_tokens_per_s": res.tokens_per_s, "seconds": seconds,
+                "peak_bytes_rollout": rollout_mem.peak, "peak_bytes_reference": ref_mem.peak,
+                "peak_bytes_replay": replay_mem.peak, **rewarder.failures(),
+            }
+            with log_path.open("a") as f:
+                f.write(json.dumps(last) + "\n")
+            if (step + 1) % cfg.run.save_every == 0 or step + 1 == cfg.run.steps:
+                save_checkpoint(run_dir, step + 1, cfg, adapter, optimizer, gen, position)
+            bar.update(last)
+    finally:
+        bar.close()
+        rewarder.close()
+    plot_metrics(run_dir)
+    return last
+
+
+class _progress:
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="pte train", unit="step", file=sys.stderr)
+
+    def update(self, metrics: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(reward=f"{metrics['reward']:.3f}", tok_s=f"{metrics['rollout_tokens_per_s']:.0f}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Reward (and accuracy) per step from ``metrics.jsonl`` -> a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], marker=".", label="mean reward")
+    ax.plot([r["step"] for r in rows], [r["accuracy"] for r in rows], marker=".", label="reward = 1 (fraction)")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(out) if out else run_dir / "reward.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

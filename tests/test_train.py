@@ -1,0 +1,205 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pte.config import load_config
+from pte.data import load_examples
+from pte.grpo import TokenBatch, clipped_token_loss, group_advantages
+from pte.rewards import MathGrader, extract_answer
+from pte.train import train
+
+TINY = ["run.steps=4", "run.save_every=2", "grpo.group_size=4", "grpo.prompts_per_step=2",
+        "sampling.max_new_tokens=12", "adapter.rank=4", "adapter.n_global=4", "cache.window=4"]
+
+
+# -- the objective ----------------------------------------------------------------------------------------------------
+def test_advantages_all_equal_are_zero_and_otherwise_normalised():
+    adv = group_advantages(torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0]]))
+    assert torch.equal(adv[0], torch.zeros(4)) and not adv.isnan().any()
+    assert torch.allclose(adv[1], torch.tensor([-1.0, 1.0, -1.0, 1.0]) / (1 + 4e-6) ** 0.5)  # var 0.25, eps inside sqrt
+
+
+def _batch(adv, old, ref=None):
+    n = old.shape[1]
+    return TokenBatch(advantages=torch.tensor(adv)[:, None], old_logp=old, mask=torch.ones(old.shape, dtype=torch.bool),
+                      ref_logp=ref, normalizer=float(old.numel()))
+
+
+def test_loss_gradient_moves_probability_toward_higher_advantage():
+    logits = torch.zeros(2, 5, requires_grad=True)  # two completions of one token each, from the same state
+    tokens = torch.tensor([1, 3])
+    logp = logits.log_softmax(-1).gather(-1, tokens[:, None])  # [2, 1]
+    loss, _ = clipped_token_loss(logp, _batch([1.0, -1.0], logp.detach()), slice(0, 1))
+    loss.backward()
+    with torch.no_grad():
+        new = (logits - 0.5 * logits.grad).log_softmax(-1)
+    assert new[0, 1] > logp[0, 0] and new[1, 3] < logp[1, 0]
+
+
+def test_clipping_stops_gradient_beyond_the_trust_region():
+    old = torch.log(torch.tensor([[0.2, 0.2]]))
+    for ratio, adv, expect_zero in [(1.5, 1.0, True), (0.5, 1.0, False), (0.5, -1.0, True), (1.5, -1.0, False)]:
+        logp = (old + torch.log(torch.tensor(ratio))).clone().requires_grad_(True)
+        loss, stats = clipped_token_loss(logp, _batch([adv], old), slice(0, 2), clip_low=0.2, clip_high=0.2)
+        loss.backward()
+        assert (logp.grad.abs().max() == 0) == expect_zero, (ratio, adv)
+        assert stats["clipped_tokens"] == (2.0 if expect_zero else 0.0)
+
+
+def test_k3_kl_is_zero_at_the_reference_and_matches_its_formula():
+    old = torch.log(torch.tensor([[0.3, 0.6]]))
+    logp = old.clone().requires_grad_(True)
+    loss, stats = clipped_token_loss(logp, _batch([0.0], old, ref=old.clone()), slice(0, 2), beta=0.5)
+    loss.backward()
+    assert stats["kl_sum"] == 0.0 and logp.grad.abs().max() == 0
+    ref = torch.log(torch.tensor([[0.1, 0.9]]))
+    _, stats = clipped_token_loss(old, _batch([0.0], old, ref=ref), slice(0, 2), beta=0.5)
+    d = ref - old
+    assert abs(stats["kl_sum"] - float((d.exp() - d - 1).sum())) < 1e-6
+    with pytest.raises(ValueError, match="beta > 0 needs reference"):
+        clipped_token_loss(old, _batch([0.0], old), slice(0, 2), beta=0.5)
+
+
+# -- rewards -------------------------------------------------------------------------------------------------------------
+GRADING = [
+    ("so the answer is \\boxed{\\frac{1}{2}}", "0.5", 1.0),
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
+    ("The total is 72 dollars.", "72", 1.0),
+    ("#### 1,234", "1234", 1.0),
+    ("The answer is 3.75", "15/4", 1.0),
+    ("\\boxed{x^2+2x+1}", "(x+1)^2", 1.0),
+    ("\\boxed{7}", "8", 0.0),
+    ("I think it's 12, no wait, 13", "12", 0.0),
+    ("}}}{{{\\boxed{", "3", 0.0),
+    ("", "3", 0.0),
+]
+
+
+def test_grading_table():
+    with MathGrader(workers=2, timeout=20) as grader:
+        scores = grader.grade([p for p, _, _ in GRADING], [g for _, g, _ in GRADING])
+    assert scores == [s for _, _, s in GRADING]
+    assert extract_answer("\\boxed{\\frac{a}{b}} then \\boxed{{1}+2}") == "{1}+2"
+
+
+def test_grader_timeout_and_crash_score_zero_without_hanging():
+    sys.path.insert(0, str(Path(__file__).parent))
+    import grading_fixtures as helpers
+
+    grader = MathGrader(workers=1, timeout=1.0)
+    grader._fn = helpers.slow_grade
+    start = time.perf_counter()
+    try:
+        assert grader.grade(["\\boxed{1}", "\\boxed{1}"], ["1", "1"]) == [0.0, 0.0]
+        assert time.perf_counter() - start < 15 and grader.stats.timeouts == 2
+        grader._fn = helpers.crashing_grade
+        assert grader.grade(["x"], ["1"]) == [0.0] and grader.stats.errors == 1
+    finally:
+        grader.close()
+
+
+# -- data ------------------------------------------------------------------------------------------------------------------
+def test_gsm8k_format_loads_and_bad_lines_name_file_and_line(tmp_path):
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps({"question": "2+2?", "answer": "Add.\n#### 4"}) + "\n\n"
+                  + json.dumps({"question": "3*3?", "answer": "#### 1,009"}) + "\n")
+    ex = load_examples(str(ok))
+    assert [(e.prompt, e.answer) for e in ex] == [("2+2?", "4"), ("3*3?", "1009")] and ex[1].source.endswith(":3")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        load_examples(str(bad))
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"problem": "q", "answer": "1"}) + "\n")
+    with pytest.raises(ValueError, match=r"missing.jsonl:1: no field 'question'"):
+        load_examples(str(missing))
+
+
+def test_math_and_dapo_formats(tmp_path):
+    f = tmp_path / "m.jsonl"
+    f.write_text(json.dumps({"problem": "p", "solution": "so \\boxed{\\frac{3}{4}}."}) + "\n")
+    assert load_examples(str(f), "problem", "solution")[0].answer == "\\frac{3}{4}"
+    d = tmp_path / "dapo.jsonl"
+    d.write_text(json.dumps({"prompt": [{"role": "user", "content": "Find x."}], "reward_model": {"ground_truth": "34"}}) + "\n")
+    e = load_examples(str(d), "prompt", "reward_model.ground_truth")[0]
+    assert (e.prompt, e.answer) == ("Find x.", "34")
+
+
+def test_shared_gsm8k_copy_loads():
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+    if not path.exists():
+        pytest.fail(f"{path} missing: CI and developers have ../shared beside the project")
+    ex = load_examples(str(path), limit=50)
+    assert len(ex) == 50 and all(e.answer.replace("-", "").replace(".", "").isdigit() for e in ex)
+
+
+# -- config ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.lr=0"], "optim.lr=0"),
+    (["grpo.group_size=1"], "grpo.group_size=1"),
+    (["grpo.wobble=3"], "unknown config key 'grpo.wobble'"),
+    (["cache.window=0"], "cache.window=0"),
+    (["adapter.method=lora"], "trains with a full cache"),
+    (["adapter.rank=-2"], "adapter.rank=-2"),
+])
+def test_bad_config_fails_before_any_model_loads(overrides, message, monkeypatch):
+    import pte.train
+
+    monkeypatch.setattr(pte.train, "build_model", lambda cfg: pytest.fail("model loaded"))
+    with pytest.raises(ValueError, match=message):
+        train(load_config(None, overrides))
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("run:\n  steps: 2\n  stepz: 3\n")
+    with pytest.raises(ValueError, match="unknown config key 'run.stepz'"):
+        load_config(str(f))
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------------
+def _adapter_tensors(ckpt):
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "adapter.safetensors"))
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    full = tmp_path / "full"
+    train(load_config(None, TINY + [f"run.out_dir={full}"]), progress=False)
+    part = tmp_path / "part"
+    train(load_config(None, TINY + [f"run.out_dir={part}", "run.steps=2"]), progress=False)
+    train(load_config(None, TINY + [f"run.out_dir={part}"]), resume=str(part), progress=False)
+    a, b = _adapter_tensors(full / "checkpoint-000004"), _adapter_tensors(part / "checkpoint-000004")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log_full = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
+    log_part = [json.loads(l) for l in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [l["reward"] for l in log_full] == [l["reward"] for l in log_part]
+    assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000004"]
+
+
+def test_killed_run_resumes(tmp_path):
+    """A process killed mid-run (SIGKILL) leaves only complete checkpoints; resuming reaches the same adapter."""
+    ref = tmp_path / "ref"
+    args = TINY + ["run.steps=6", "run.save_every=1"]
+    train(load_config(None, args + [f"run.out_dir={ref}"]), progress=False)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pte", "train", *sum([["--set", a] for a in args + [f"run.out_dir={run}"]], [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "checkpoint-000002").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in run.glob("checkpoint-*"))
+    assert done and done[-1] != "checkpoint-000006", "the run finished before it was killed; nothing tested"
+    train(load_config(None, args + [f"run.out_dir={run}"]), resume=str(run), progress=False)
+    a, b = _adapter_tensors(ref / "checkpoint-000006"), _adapter_tensors(run / "checkpoint-000006")
+    assert all(torch.equal(a[k], b[k]) for k in a)
