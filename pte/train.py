@@ -44,8 +44,10 @@ def build_model(cfg: TrainConfig):
 
     if cfg.model.name == "tiny-char":
         tok = char_tokenizer()
+        # init std 0.2: with transformers' default 0.02 the final RMSNorm caps how far any hidden state can move
+        # a logit (|h| * |w_token| ~ 8 * 0.16), so no adapter could make a token likely
         model = tiny_model("llama", vocab_size=len(tok), hidden=64, layers=2, heads=4, kv_heads=2,
-                           seed=cfg.model.tiny_seed, max_positions=4096)
+                           seed=cfg.model.tiny_seed, max_positions=4096, init_std=0.2)
         return model, tok
     return load(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, attn=cfg.model.attn)
 

@@ -1,7 +1,8 @@
 """A task a tiny random model can learn in a few dozen GRPO steps, to show the training loop works.
 
-Prompt ``"d=7:"``; the reward is the fraction of the first ``span`` completion characters equal to the digit.
-Partial credit gives a random policy a signal from the first step. It tests the RL machinery, not memory.
+Prompt ``"d=7:"``; the reward is the mean over the first ``span`` completion characters of 1 for the prompt's
+digit, ``other_digit`` for any other digit, 0 otherwise. Partial credit gives a random policy (about 1 character in
+10 is a digit) a signal from the first steps. It tests the RL machinery, not memory.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pte.data import Example
 @dataclass
 class CopyDigit:
     span: int = 4
+    other_digit: float = 0.1
 
     def examples(self, n: int, seed: int) -> list[Example]:
         rng = random.Random(seed)
@@ -25,5 +27,5 @@ class CopyDigit:
         return out
 
     def score(self, completion: str, answer: str) -> float:
-        head = completion[: self.span]
-        return sum(ch == answer for ch in head) / self.span
+        head = completion[: self.span].ljust(self.span)
+        return sum(1.0 if ch == answer else self.other_digit if ch.isdigit() else 0.0 for ch in head) / self.span
