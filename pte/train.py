@@ -104,37 +104,82 @@ def _code_version() -> str:
         return "unknown"
 
 
+class Dist:
+    """Data parallelism over processes started by ``accelerate launch`` or ``torchrun`` (env ``WORLD_SIZE``).
+
+    Ranks sample different prompts and replay different numbers of segments, so nothing inside the replay
+    communicates (no DDP wrapper, no per-segment all-reduce): each rank accumulates its own gradient, then one
+    all-reduce per step sums the adapter gradients. With the token count summed over ranks as the normaliser,
+    that sum is the gradient of the global token-level loss, and every rank takes the same Adam step.
+    """
+
+    def __init__(self, device: str = "cpu"):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            self.dist.all_reduce(x, op=self.dist.ReduceOp.SUM)
+        return x
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.dist.barrier()
+
+    def gather_floats(self, value: float) -> list[float]:
+        if self.world == 1:
+            return [value]
+        out = [torch.zeros(1, dtype=torch.float64) for _ in range(self.world)]
+        self.dist.all_gather(out, torch.tensor([value], dtype=torch.float64))
+        return [float(t) for t in out]
+
+    def close(self) -> None:
+        if self.world > 1 and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
 def save_checkpoint(run_dir: Path, step: int, cfg: TrainConfig, adapter: Adapter, optimizer, gen: torch.Generator,
-                    data_position: int) -> Path:
-    """Write ``checkpoint-{step}`` atomically: everything goes to a temporary directory renamed at the end."""
+                    data_position: int, dist: Dist) -> Path:
+    """Write ``checkpoint-{step}`` atomically: every rank writes its RNG states into a temporary directory,
+    rank 0 adds the adapter, optimizer and state, and renames it at the end."""
     from safetensors.torch import save_file
 
     final = run_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
-    tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    adapter.save(tmp, cache=asdict(cfg.cache))
-    opt = optimizer.state_dict()
-    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, st in opt["state"].items() for k, v in st.items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.sampling"] = gen.get_state()
+    tmp = run_dir / f".tmp-{final.name}"
+    if dist.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
     np_state = np.random.get_state()
-    tensors["rng.numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
-    save_file(tensors, str(tmp / "trainer_tensors.safetensors"))
     py_state = random.getstate()
-    state = {
-        "step": step, "data_position": data_position, "threads": torch.get_num_threads(),
-        "param_groups": opt["param_groups"], "param_names": [n for n, _ in adapter.named_parameters()],
-        "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
-        "rng_numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "config": to_dict(cfg), "code_version": _code_version(),
-    }
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    checkpoints = sorted(run_dir.glob(f"{CHECKPOINT_PREFIX}*"))
-    for old in checkpoints[: -cfg.run.keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    save_file({"torch": torch.get_rng_state(), "sampling": gen.get_state(),
+               "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}, str(tmp / f"rng-rank{dist.rank}.safetensors"))
+    (tmp / f"rng-rank{dist.rank}.json").write_text(json.dumps({
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}))
+    dist.barrier()
+    if dist.rank == 0:
+        adapter.save(tmp, cache=asdict(cfg.cache))
+        opt = optimizer.state_dict()
+        tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, st in opt["state"].items() for k, v in st.items()}
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        state = {
+            "step": step, "data_position": data_position, "threads": torch.get_num_threads(), "world_size": dist.world,
+            "param_groups": opt["param_groups"], "param_names": [n for n, _ in adapter.named_parameters()],
+            "config": to_dict(cfg), "code_version": _code_version(),
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(run_dir.glob(f"{CHECKPOINT_PREFIX}*"))[: -cfg.run.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
     return final
 
 
@@ -147,7 +192,7 @@ def latest_checkpoint(path: Path) -> Path:
     return found[-1]
 
 
-def restore_checkpoint(ckpt: Path, adapter: Adapter, optimizer, gen: torch.Generator) -> dict:
+def restore_checkpoint(ckpt: Path, adapter: Adapter, optimizer, gen: torch.Generator, dist: Dist) -> dict:
     from safetensors.torch import load_file
 
     from pte.adapter import read_config
@@ -156,21 +201,24 @@ def restore_checkpoint(ckpt: Path, adapter: Adapter, optimizer, gen: torch.Gener
     if meta["adapter"] != asdict(adapter.config) | {"targets": list(adapter.config.targets)}:
         raise ValueError(f"{ckpt}: its adapter config {meta['adapter']} differs from this run's "
                          f"{asdict(adapter.config)}; resume with the run's own config")
-    adapter.load_state_dict(load_file(str(ckpt / "adapter.safetensors")))
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    tensors = load_file(str(ckpt / "trainer_tensors.safetensors"))
+    if state.get("world_size", 1) != dist.world:
+        raise ValueError(f"{ckpt} was written by {state.get('world_size', 1)} processes, this run has {dist.world}; "
+                         "resume with the same number of processes (each rank's RNG state is saved)")
+    adapter.load_state_dict(load_file(str(ckpt / "adapter.safetensors")))
     opt_state: dict = {"state": {}, "param_groups": state["param_groups"]}
-    for key, value in tensors.items():
-        if key.startswith("state."):
-            _, i, name = key.split(".", 2)
-            opt_state["state"].setdefault(int(i), {})[name] = value
+    for key, value in load_file(str(ckpt / "optimizer.safetensors")).items():
+        _, i, name = key.split(".", 2)
+        opt_state["state"].setdefault(int(i), {})[name] = value
     optimizer.load_state_dict(opt_state)
-    torch.set_rng_state(tensors["rng.torch"])
-    gen.set_state(tensors["rng.sampling"])
-    version, keys, gauss = state["rng_python"]
+    rng = load_file(str(ckpt / f"rng-rank{dist.rank}.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    gen.set_state(rng["sampling"])
+    py = json.loads((ckpt / f"rng-rank{dist.rank}.json").read_text())
+    version, keys, gauss = py["python"]
     random.setstate((version, tuple(keys), gauss))
-    name, pos, has_gauss, cached = state["rng_numpy"]
-    np.random.set_state((name, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    name, pos, has_gauss, cached = py["numpy"]
+    np.random.set_state((name, rng["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_num_threads(state["threads"])
     return state
 
@@ -195,28 +243,36 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     model, tok = build_model(cfg)
     adapter = attach(model, cfg.adapter)
     optimizer = torch.optim.Adam(adapter.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-    gen = torch.Generator().manual_seed(cfg.run.seed)
+    dist = Dist(cfg.model.device)
+    gen = torch.Generator().manual_seed(cfg.run.seed + 1000 * dist.rank)  # ranks sample differently
     run_dir = Path(cfg.run.out_dir)
     start_step, position = 0, 0
     if resume:
-        state = restore_checkpoint(latest_checkpoint(Path(resume)), adapter, optimizer, gen)
+        state = restore_checkpoint(latest_checkpoint(Path(resume)), adapter, optimizer, gen, dist)
         start_step, position = state["step"], state["data_position"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg) | {"code_version": _code_version()}, indent=1))
+    if dist.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg) | {"code_version": _code_version(),
+                                                                          "world_size": dist.world}, indent=1))
     rewarder = Rewarder(cfg, task)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = tuple(x for x in [tok.eos_token_id] if x is not None)
     sampling = Sampling(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                         top_p=cfg.sampling.top_p, eos_token_ids=eos, stop_strings=tuple(cfg.sampling.stop))
     G, P = cfg.grpo.group_size, cfg.grpo.prompts_per_step
-    bar = _progress(cfg.run.steps, start_step, progress)
+    bar = _progress(cfg.run.steps, start_step, progress and dist.rank == 0)
     log_path = run_dir / "metrics.jsonl"
+    writer = None
+    if dist.rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
     last = {}
     try:
         for step in range(start_step, cfg.run.steps):
             t0 = time.perf_counter()
-            batch = [example_at(examples, position + i, cfg.run.seed) for i in range(P)]
-            position += P
+            batch = [example_at(examples, position + dist.rank * P + i, cfg.run.seed) for i in range(P)]
+            position += P * dist.world
             prompt_ids = [render_prompt(tok, ex.prompt, cfg.data.template) for ex in batch]
             window = cfg.cache.window if cfg.cache.window != "auto" else max(len(p) for p in prompt_ids)
             spec = CacheSpec(window=window, evict_fraction=cfg.cache.evict_fraction, policy=cfg.cache.policy)
@@ -237,7 +293,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
             with LiveTensorBytes() as ref_mem:
                 if cfg.grpo.beta > 0:
                     ref = reference_logprobs(model, adapter, res.rows, cfg, spec)
-            tb = TokenBatch(advantages=adv, old_logp=old, mask=mask, ref_logp=ref, normalizer=float(mask.sum()))
+            tb = TokenBatch(advantages=adv, old_logp=old, mask=mask, ref_logp=ref, normalizer=float(dist.sum(mask.sum().double())))
             stats = {"clipped_tokens": 0.0, "tokens": 0.0, "kl_sum": 0.0}
 
             def loss_fn(logp, cols):
@@ -255,7 +311,11 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                                  loss_fn=loss_fn, pad_token_id=pad)
                     if it == 0:
                         mismatch = float(((rep.logprobs - old).abs() * mask).max())
-                        loss_value = rep.loss
+                        loss_value, segments = rep.loss, rep.segments
+                    for p_ in adapter.parameters():  # one all-reduce per step: sum of the ranks' gradients
+                        if p_.grad is None:
+                            p_.grad = torch.zeros_like(p_)
+                        dist.sum(p_.grad)
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.optim.max_grad_norm))
                     optimizer.step()
             seconds = time.perf_counter() - t0
@@ -270,15 +330,30 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                 "peak_bytes_rollout": rollout_mem.peak, "peak_bytes_reference": ref_mem.peak,
                 "peak_bytes_replay": replay_mem.peak, **rewarder.failures(),
             }
-            with log_path.open("a") as f:
-                f.write(json.dumps(last) + "\n")
+            if dist.world > 1:
+                checksums = dist.gather_floats(float(sum(p_.double().sum() for p_ in adapter.parameters())))
+                last["reward"] = float(dist.sum(rewards.sum().double()) / (len(rewards) * dist.world))
+                last["ranks_identical"] = len(set(checksums)) == 1
+                last["segments_per_rank"] = dist.gather_floats(float(segments))
+                last["world_size"] = dist.world
+            if dist.rank == 0:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(last) + "\n")
+                for key, value in last.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        writer.add_scalar(key, value, step + 1)
+                writer.flush()
             if (step + 1) % cfg.run.save_every == 0 or step + 1 == cfg.run.steps:
-                save_checkpoint(run_dir, step + 1, cfg, adapter, optimizer, gen, position)
+                save_checkpoint(run_dir, step + 1, cfg, adapter, optimizer, gen, position, dist)
             bar.update(last)
     finally:
         bar.close()
         rewarder.close()
-    plot_metrics(run_dir)
+        if writer is not None:
+            writer.close()
+    if dist.rank == 0:
+        plot_metrics(run_dir)
+    dist.close()
     return last
 
 

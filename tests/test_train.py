@@ -183,6 +183,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     log_part = [json.loads(l) for l in (part / "metrics.jsonl").read_text().splitlines()]
     assert [l["reward"] for l in log_full] == [l["reward"] for l in log_part]
     assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000004"]
+    events = list((full / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("reward")] == pytest.approx([l["reward"] for l in log_full])
 
 
 def test_killed_run_resumes(tmp_path):
@@ -203,3 +209,20 @@ def test_killed_run_resumes(tmp_path):
     train(load_config(None, args + [f"run.out_dir={run}"]), resume=str(run), progress=False)
     a, b = _adapter_tensors(ref / "checkpoint-000006"), _adapter_tensors(run / "checkpoint-000006")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_run_keeps_ranks_identical(tmp_path):
+    """torchrun / `accelerate launch --multi_gpu` with 2 CPU processes (gloo): stop strings give the ranks
+    different completion lengths, hence different numbers of replay segments; the run must end and the ranks'
+    adapters must agree after every step."""
+    out = tmp_path / "ddp"
+    args = TINY + ["run.steps=4", f"run.out_dir={out}", "sampling.stop=['7', 'a', 'e', '3', 'x']",
+                   "sampling.max_new_tokens=24", "grpo.group_size=2", "grpo.prompts_per_step=1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "pte", "train", *sum([["--set", a] for a in args], [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and all(l["world_size"] == 2 and l["ranks_identical"] for l in log)
+    assert any(len(set(l["segments_per_rank"])) > 1 for l in log), "ranks never differed; the test proved nothing"
+    assert (out / "checkpoint-000004" / "rng-rank1.safetensors").exists()
