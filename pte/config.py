@@ -25,6 +25,7 @@ class ModelConfig:
 class DataConfig:
     path: str | None = None  # JSONL / Parquet / HF save_to_disk directory
     task: str | None = "copy_digit"  # a generator in pte.tasks, used when path is None
+    task_options: dict = field(default_factory=dict)  # keyword arguments of the task's class
     prompt_field: str = "question"
     answer_field: str = "answer"
     answer_format: str = "auto"  # auto | gsm8k | boxed | plain

@@ -58,7 +58,7 @@ def build_examples(cfg: TrainConfig) -> tuple[list[Example], object | None]:
                              cfg.data.limit), None
     from pte.tasks import make_task
 
-    task = make_task(cfg.data.task)
+    task = make_task(cfg.data.task, **cfg.data.task_options)
     return task.examples(cfg.data.limit or 10_000, seed=cfg.run.seed), task
 
 

@@ -226,3 +226,17 @@ def test_two_process_run_keeps_ranks_identical(tmp_path):
     assert len(log) == 4 and all(l["world_size"] == 2 and l["ranks_identical"] for l in log)
     assert any(len(set(l["segments_per_rank"])) > 1 for l in log), "ranks never differed; the test proved nothing"
     assert (out / "checkpoint-000004" / "rng-rank1.safetensors").exists()
+
+
+@pytest.mark.parametrize("reference", ["bounded", "full"])
+def test_kl_reference_is_the_base_model(tmp_path, reference):
+    """At step 1 the adapter is zero, so the policy is the base model under the cache: KL to the base under the
+    same cache is exactly 0; KL to the base over the full context is not (evictions change the distribution)."""
+    out = tmp_path / reference
+    last = train(load_config(None, TINY + ["run.steps=1", f"run.out_dir={out}", "grpo.beta=0.1",
+                                           f"grpo.kl_reference={reference}"]), progress=False)
+    assert last["evictions_per_sample"] > 0 and last["peak_bytes_reference"] > 0
+    if reference == "bounded":
+        assert last["kl"] == 0.0
+    else:
+        assert last["kl"] > 1e-4

@@ -5,7 +5,10 @@ from pte.tasks.copy_digit import CopyDigit
 TASKS = {"copy_digit": CopyDigit}
 
 
-def make_task(name: str):
+def make_task(name: str, **options):
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
-    return TASKS[name]()
+    try:
+        return TASKS[name](**options)
+    except TypeError as exc:
+        raise ValueError(f"data.task_options for {name}: {exc}") from None
