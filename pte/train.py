@@ -127,6 +127,21 @@ class Dist:
             self.dist.all_reduce(x, op=self.dist.ReduceOp.SUM)
         return x
 
+    def sum_grads(self, params: list[torch.Tensor]) -> None:
+        """One all-reduce per step: every gradient flattened into one buffer, summed over ranks, written back."""
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        self.sum(flat)
+        offset = 0
+        for p in params:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
+
     def barrier(self) -> None:
         if self.world > 1:
             self.dist.barrier()
@@ -312,10 +327,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                     if it == 0:
                         mismatch = float(((rep.logprobs - old).abs() * mask).max())
                         loss_value, segments = rep.loss, rep.segments
-                    for p_ in adapter.parameters():  # one all-reduce per step: sum of the ranks' gradients
-                        if p_.grad is None:
-                            p_.grad = torch.zeros_like(p_)
-                        dist.sum(p_.grad)
+                    dist.sum_grads(adapter.parameters())
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.optim.max_grad_norm))
                     optimizer.step()
             seconds = time.perf_counter() - t0

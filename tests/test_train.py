@@ -217,7 +217,7 @@ def test_two_process_run_keeps_ranks_identical(tmp_path):
     adapters must agree after every step."""
     out = tmp_path / "ddp"
     args = TINY + ["run.steps=4", f"run.out_dir={out}", "sampling.stop=['7', 'a', 'e', '3', 'x']",
-                   "sampling.max_new_tokens=24", "grpo.group_size=2", "grpo.prompts_per_step=1"]
+                   "sampling.max_new_tokens=24", "grpo.group_size=2", "grpo.prompts_per_step=1", "run.threads=1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
            "-m", "pte", "train", *sum([["--set", a] for a in args], [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
