@@ -21,6 +21,7 @@ class Example:
     prompt: str
     answer: str
     source: str  # "file:line" or "file#row"
+    meta: dict | None = None  # the generator's own record, for task scorers that need it
 
 
 def _get(record: dict, path: str):

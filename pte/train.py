@@ -80,10 +80,10 @@ class Rewarder:
 
             self.grader = MathGrader(workers=cfg.reward.workers, timeout=cfg.reward.timeout)
 
-    def __call__(self, completions: list[str], answers: list[str]) -> list[float]:
+    def __call__(self, completions: list[str], examples: list[Example]) -> list[float]:
         if self.grader is not None:
-            return self.grader.grade(completions, answers)
-        return [self.task.score(c, a) for c, a in zip(completions, answers)]
+            return self.grader.grade(completions, [ex.answer for ex in examples])
+        return [self.task.score(c, ex) for c, ex in zip(completions, examples)]
 
     def failures(self) -> dict:
         if self.grader is None:
@@ -296,7 +296,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                 res = rollout(model, rows_prompts, sampling, spec, pad_token_id=pad, tokenizer=tok, generator=gen,
                               adapter=adapter)
             texts = [tok.decode(r.completion_ids, skip_special_tokens=True) for r in res.rows]
-            rewards = torch.tensor(rewarder(texts, [ex.answer for ex in batch for _ in range(G)]))
+            rewards = torch.tensor(rewarder(texts, [ex for ex in batch for _ in range(G)]))
             adv = group_advantages(rewards.view(P, G), cfg.grpo.adv_eps).view(-1, 1)
             T = max(len(r.completion_ids) for r in res.rows)
             old = torch.zeros(len(res.rows), T)

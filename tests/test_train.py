@@ -240,3 +240,19 @@ def test_kl_reference_is_the_base_model(tmp_path, reference):
         assert last["kl"] == 0.0
     else:
         assert last["kl"] > 1e-4
+
+
+def test_reasoning_gym_source_is_seeded_and_scored_by_its_generator():
+    from pte.data import Example
+    from pte.tasks import make_task
+
+    task = make_task("reasoning_gym", name="chain_sum")
+    a, b = task.examples(5, seed=3), make_task("reasoning_gym", name="chain_sum").examples(5, seed=3)
+    assert [e.prompt for e in a] == [e.prompt for e in b] and a[0].prompt != task.examples(5, seed=4)[0].prompt
+    ex = a[0]
+    assert task.score(f"so the answer is \\boxed{{{ex.answer}}}", ex) == 1.0
+    assert task.score(f"\\boxed{{{int(ex.answer) + 1}}}", ex) < 1.0
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        make_task("nope")
+    with pytest.raises(ValueError, match="task_options for copy_digit"):
+        make_task("copy_digit", bogus=1)

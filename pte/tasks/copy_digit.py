@@ -26,6 +26,6 @@ class CopyDigit:
             out.append(Example(prompt=f"d={d}:", answer=d, source=f"copy_digit(seed={seed})#{i}"))
         return out
 
-    def score(self, completion: str, answer: str) -> float:
-        head = completion[: self.span].ljust(self.span)
+    def score(self, completion: str, example: Example) -> float:
+        head, answer = completion[: self.span].ljust(self.span), example.answer
         return sum(1.0 if ch == answer else self.other_digit if ch.isdigit() else 0.0 for ch in head) / self.span
