@@ -4,9 +4,10 @@ A task has ``examples(n, seed) -> list[Example]`` and ``score(completion, exampl
 """
 
 from pte.tasks.copy_digit import CopyDigit
+from pte.tasks.long_range import LongRange
 from pte.tasks.reasoning_gym import ReasoningGym
 
-TASKS = {"copy_digit": CopyDigit, "reasoning_gym": ReasoningGym}
+TASKS = {"copy_digit": CopyDigit, "long_range": LongRange, "reasoning_gym": ReasoningGym}
 
 
 def make_task(task: str, **options):
