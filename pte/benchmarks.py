@@ -8,11 +8,10 @@ Each entry names the candidate prompt fields (published copies differ: AMC23 app
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pte.data import Example, _to_example
+from pte.data import Example, _to_example, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -57,17 +56,9 @@ def load_benchmark(name: str, path: str | Path | None = None, data_dir: str | No
     spec = REGISTRY[name]
     file = Path(path) if path else find_benchmark_file(name, data_dir)
     out = []
-    with file.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{file}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            field = next((p for p in spec.prompt_fields if isinstance(record, dict) and p in record), spec.prompt_fields[0])
-            out.append(_to_example(record, where, field, spec.answer_field, spec.answer_format))
-            if limit and len(out) >= limit:
-                break
+    for where, record in read_jsonl(file):
+        field = next((p for p in spec.prompt_fields if isinstance(record, dict) and p in record), spec.prompt_fields[0])
+        out.append(_to_example(record, where, field, spec.answer_field, spec.answer_format))
+        if limit and len(out) >= limit:
+            break
     return out

@@ -80,6 +80,19 @@ def _to_example(record, where: str, prompt_field: str, answer_field: str, answer
     return Example(prompt, answer, where)
 
 
+def read_jsonl(path: Path):
+    """Yield ("file:line", record) for each non-blank line; a line that is not JSON is an error naming it."""
+    with Path(path).open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
 def load_examples(path: str, prompt_field: str = "question", answer_field: str = "answer",
                   answer_format: str = "auto", limit: int | None = None) -> list[Example]:
     p = Path(path)
@@ -108,18 +121,10 @@ def load_examples(path: str, prompt_field: str = "question", answer_field: str =
             if limit and len(out) >= limit:
                 break
     else:
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-                out.append(_to_example(record, where, prompt_field, answer_field, answer_format))
-                if limit and len(out) >= limit:
-                    break
+        for where, record in read_jsonl(p):
+            out.append(_to_example(record, where, prompt_field, answer_field, answer_format))
+            if limit and len(out) >= limit:
+                break
     if not out:
         raise ValueError(f"{path}: no examples")
     return out
