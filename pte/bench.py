@@ -124,14 +124,8 @@ def bench_train_memory(out: str, lengths=(512, 1024, 2048, 4096, 8192), window: 
                        prompt_len: int = 32, methods=("lora", "lora_c", "pte")) -> list[dict]:
     configs = [dict(method=m, length=n, window=window, batch=batch, prompt_len=prompt_len)
                for n in lengths for m in methods]
-    results = _run_workers("train-memory-worker", configs,
-                           lambda r: f"peak {r['peak_bytes'] / 2**20:.1f} MiB live tensors, {r['seconds']:.1f}s")
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(results, indent=1))
-    plot_train_memory(results, path.with_suffix(".png"))
-    print(train_memory_table(results))
-    return results
+    return _run_bench("train-memory-worker", configs, out, plot_train_memory, train_memory_table,
+                      lambda r: f"peak {r['peak_bytes'] / 2**20:.1f} MiB live tensors, {r['seconds']:.1f}s")
 
 
 def train_memory_table(results: list[dict]) -> str:
@@ -170,6 +164,17 @@ def plot_train_memory(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _run_bench(kind: str, configs: list[dict], out: str, plot, table, describe) -> list[dict]:
+    """Run every configuration in its own subprocess, write the JSON atomically, the PNG beside it, print the table."""
+    results = _run_workers(kind, configs, describe)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, json.dumps(results, indent=1))
+    plot(results, path.with_suffix(".png"))
+    print(table(results))
+    return results
+
+
 def _run_workers(kind: str, configs: list[dict], describe) -> list[dict]:
     results = []
     for i, cfg in enumerate(configs, 1):
@@ -188,14 +193,8 @@ def bench_rollout(out: str, lengths=(256, 512, 1024, 2048, 4096), window: int = 
                   prompt_len: int = 32, engines=ENGINES) -> list[dict]:
     configs = [dict(engine=e, length=n, window=window, batch=batch, prompt_len=prompt_len)
                for n in lengths for e in engines]
-    results = _run_workers("rollout-worker", configs,
-                           lambda r: f"{r['tokens_per_s']:.0f} tok/s, cache {r['cache_bytes'] / 2**20:.1f} MiB")
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(results, indent=1))
-    plot_rollout(results, path.with_suffix(".png"))
-    print(rollout_table(results))
-    return results
+    return _run_bench("rollout-worker", configs, out, plot_rollout, rollout_table,
+                      lambda r: f"{r['tokens_per_s']:.0f} tok/s, cache {r['cache_bytes'] / 2**20:.1f} MiB")
 
 
 def rollout_table(results: list[dict]) -> str:

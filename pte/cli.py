@@ -30,9 +30,10 @@ def _generate(args) -> int:
     adapter = None
     if args.adapter:
         from pte.adapter import load as load_adapter
+        from pte.adapter import read_config
 
         adapter = load_adapter(model, args.adapter)
-        trained = (read_adapter_config(args.adapter).get("cache") or {}).get("window")
+        trained = (read_config(args.adapter).get("cache") or {}).get("window")
         if trained is not None and args.cache_window is None:
             print(f"[pte] note: adapter was trained with window {trained}; running with a full cache "
                   f"(pass --cache-window {trained} to match)", file=sys.stderr)
@@ -70,12 +71,6 @@ def _generate(args) -> int:
     if args.json:
         print(json.dumps(summary))
     return 0
-
-
-def read_adapter_config(directory):
-    from pte.adapter import read_config
-
-    return read_config(directory)
 
 
 def _bench(args) -> int:
