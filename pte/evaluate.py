@@ -1,0 +1,484 @@
+"""``pte eval``: accuracy under a bounded KV cache, swept over cache sizes, with confidence intervals.
+
+**Cache sizing.** A *window* counts thought tokens kept on top of the question, as in ``pte generate``. A
+*budget* is the paper's total per sequence: kept question (its "sink") tokens plus the sliding window (Fig. 6:
+768 = 512 + 256). Our cache keeps each row's whole question and one window per batch, so a budget is split once
+per run, the same way for every row: ``window = budget - Q``, where ``Q`` is the longest rendered prompt of the
+evaluated set, or a fixed reservation (``question_tokens``; the paper's Fig. 6 reserves 512) that every prompt
+must fit. No row then holds more than ``budget`` tokens, and the window does not depend on how rows are batched.
+A budget that leaves no window is an error. Tables report both: for a window run, ``budget = Q + window``, the
+most tokens any row holds.
+
+**Accuracy.** Each problem gets ``N`` samples, ``c`` of them correct (``score >= 1``). pass@1 is the mean over
+problems of ``c / N``; pass@k the unbiased estimator (:func:`pte.passk.pass_at_k`) averaged over problems. The
+95% interval is the Wilson score interval with ``n`` = the number of problems and ``p`` = pass@1. For ``N = 1`` it
+is the textbook interval for a binomial proportion; for ``N > 1`` it is conservative, because a per-problem mean
+in [0, 1] with mean ``p`` has variance at most ``p (1 - p)``. Either way it measures uncertainty over problems,
+the population a benchmark samples, and it stays non-degenerate at 0% and 100%.
+
+**Reproducibility.** Sampling uses one generator seeded per run, so a sweep gives every cache size the same
+random stream; results are exactly repeatable for the same seed, batch size and device.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pte.data import Example, render_prompt
+from pte.memory import peak_rss_bytes, reset_peak_rss
+from pte.passk import pass_at_k
+from pte.rewards import extract_answer
+from pte.rollout import CacheSpec, Sampling, rollout
+
+Z95 = 1.959963984540054
+TASK_PROBLEMS = 100  # problems generated for a task benchmark when --limit is not given
+
+
+@dataclass
+class Record:
+    """One sample: what a predictions-<label>.jsonl line holds."""
+
+    problem: int
+    sample: int
+    source: str
+    prompt: str
+    answer: str  # gold
+    completion: str
+    extracted: str | None  # extract_answer's reading, for display; the verdict is the scorer's
+    score: float
+    correct: bool  # score >= 1
+    prompt_tokens: int
+    length: int  # completion tokens
+    evictions: int
+    finish_reason: str  # eos | stop | length
+
+
+@dataclass
+class Summary:
+    label: str  # "full", "w<window>" or "b<budget>"
+    sized_by: str  # full | window | budget
+    window: int | None  # thought tokens; None = full cache
+    budget: int | None  # question + window; None = full cache
+    question_tokens: int  # the longest prompt, kept whole
+    problems: int
+    samples: int  # per problem
+    pass1: float
+    ci_low: float
+    ci_high: float
+    pass_at_k: dict[int, float]
+    mean_score: float
+    mean_length: float
+    mean_evictions: float
+    finish_reasons: dict[str, int]
+    generated_tokens: int
+    tokens_per_s: float  # generated tokens / generation seconds (scoring excluded)
+    peak_memory_bytes: int
+    memory_kind: str  # cuda_max_allocated | cpu_peak_rss (the whole process, weights included)
+    seconds: float  # wall time, scoring included
+
+
+@dataclass
+class EvalResult:
+    records: list[Record]
+    summary: Summary
+
+
+# -- sizing and statistics ----------------------------------------------------------------------------------------
+def parse_sizes(text: str, flag: str) -> list[int | None]:
+    """``"full,64,32"`` -> ``[None, 64, 32]``."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "full":
+            if None in out:
+                raise ValueError(f"{flag} {text}: 'full' is listed twice; each size is one run")
+            out.append(None)
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            raise ValueError(f"{flag} {text}: {part!r} is neither an integer nor 'full'") from None
+        if value < 1:
+            raise ValueError(f"{flag} {value}: a cache must hold at least one thought token; pass a positive "
+                             "integer or 'full'")
+        if value in out:
+            raise ValueError(f"{flag} {text}: {part} is listed twice; each size is one run")
+        out.append(value)
+    return out
+
+
+def split_budget(budget: int, prompt_lengths: list[int], question_tokens: int | None = None) -> int:
+    """The thought window a total ``budget`` leaves: ``budget - Q`` (see the module docstring)."""
+    longest = max(prompt_lengths)
+    if question_tokens is not None and question_tokens < longest:
+        raise ValueError(f"--question-tokens {question_tokens} is smaller than the longest prompt ({longest} tokens); "
+                         f"reserve at least {longest} or leave it out")
+    q = longest if question_tokens is None else question_tokens
+    if budget <= q:
+        raise ValueError(f"--cache-budget {budget} leaves no thought window: the question takes {q} tokens; pass a "
+                         f"budget above {q} or size the window directly with --cache-window")
+    return budget - q
+
+
+def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def check_ks(ks, n_samples: int) -> None:
+    if n_samples < 1:
+        raise ValueError(f"--n {n_samples}: draw at least one sample per problem")
+    for k in ks:
+        if not 1 <= k <= n_samples:
+            raise ValueError(f"pass@{k} needs k <= n samples per problem (n={n_samples}); raise --n to at least {k} "
+                             "or drop that k")
+
+
+def accuracy(correct: list[list[bool]], ks) -> dict:
+    """Per problem a list of N verdicts -> pass@1, its Wilson interval, pass@k for each k."""
+    n = len(correct[0])
+    counts = [sum(c) for c in correct]
+    pass1 = sum(counts) / (n * len(counts))
+    low, high = wilson_interval(pass1, len(counts))
+    return dict(pass1=pass1, ci_low=low, ci_high=high,
+                pass_at_k={k: sum(pass_at_k(n, c, k) for c in counts) / len(counts) for k in ks})
+
+
+# -- the evaluation loop --------------------------------------------------------------------------------------------
+def render_prompts(tokenizer, examples: list[Example], chat: bool) -> list[list[int]]:
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; drop --chat")
+    return [render_prompt(tokenizer, ex.prompt, "chat" if chat else "{prompt}") for ex in examples]
+
+
+def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """The tokenizer's EOS plus the model's generation-config EOS ids (chat models often add an end-of-turn)."""
+    eos = set()
+    for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if source is not None:
+            eos.update(source if isinstance(source, list) else [source])
+    return tuple(sorted(eos))
+
+
+def evaluate(model, tokenizer, examples: list[Example], score, *, spec: CacheSpec, sampling: Sampling,
+             n_samples: int = 1, ks=(1,), batch_size: int = 16, adapter=None, chat: bool = False,
+             progress: bool = True, seed: int = 0, budget: int | None = None, label: str | None = None) -> EvalResult:
+    """Sample ``n_samples`` completions of every example under ``spec`` and score them.
+
+    ``score(completion, example) -> float`` (1.0 is correct). ``sampling`` carries the stop tokens (see
+    :func:`eos_token_ids`). ``budget``, when the window was split from one, is checked and reported.
+    """
+    check_ks(ks, n_samples)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: must be >= 1")
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    spec.validate()
+    sampling.validate()
+    prompts = render_prompts(tokenizer, examples, chat)
+    longest = max(map(len, prompts))
+    if budget is not None and (spec.window is None or longest + spec.window > budget):
+        raise ValueError(f"budget {budget} cannot hold the longest prompt ({longest} tokens) plus window "
+                         f"{spec.window}; split it with split_budget")
+    device = next(model.parameters()).device
+    eos = sampling.eos_token_ids
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rollout(model, [prompts[0]], Sampling(2, temperature=0), spec, pad_token_id=pad, adapter=adapter)  # warm-up
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+    label = label or ("full" if spec.window is None else f"b{budget}" if budget is not None else f"w{spec.window}")
+    jobs = [(i, j) for i in range(len(examples)) for j in range(n_samples)]
+    records, generated, gen_seconds = [], 0, 0.0
+    start = time.perf_counter()
+    from tqdm import tqdm
+
+    with tqdm(total=len(jobs), desc=f"pte eval {label}", unit="sample", file=sys.stderr, disable=not progress) as bar:
+        for b in range(0, len(jobs), batch_size):
+            batch = jobs[b:b + batch_size]
+            res = rollout(model, [prompts[i] for i, _ in batch], sampling, spec, pad_token_id=pad,
+                          tokenizer=tokenizer, generator=gen, adapter=adapter)
+            generated, gen_seconds = generated + res.generated_tokens, gen_seconds + res.seconds
+            for (i, j), row in zip(batch, res.rows):
+                text = tokenizer.decode(row.completion_ids, skip_special_tokens=True)
+                s = float(score(text, examples[i]))
+                records.append(Record(i, j, examples[i].source, examples[i].prompt, examples[i].answer, text,
+                                      extract_answer(text), s, s >= 1.0, len(prompts[i]), len(row.completion_ids),
+                                      len(row.eviction_steps), row.finish_reason))
+            bar.update(len(batch))
+    seconds = time.perf_counter() - start
+    verdicts = [[r.correct for r in records[i * n_samples:(i + 1) * n_samples]] for i in range(len(examples))]
+    reasons: dict[str, int] = {}
+    for r in records:
+        reasons[r.finish_reason] = reasons.get(r.finish_reason, 0) + 1
+    summary = Summary(
+        label=label, sized_by="full" if spec.window is None else "budget" if budget is not None else "window",
+        window=spec.window, budget=None if spec.window is None else budget or longest + spec.window,
+        question_tokens=longest, problems=len(examples), samples=n_samples, **accuracy(verdicts, ks),
+        mean_score=sum(r.score for r in records) / len(records),
+        mean_length=sum(r.length for r in records) / len(records),
+        mean_evictions=sum(r.evictions for r in records) / len(records), finish_reasons=reasons,
+        generated_tokens=generated, tokens_per_s=generated / max(gen_seconds, 1e-9),
+        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes(),
+        memory_kind="cuda_max_allocated" if cuda else "cpu_peak_rss", seconds=seconds,
+    )
+    return EvalResult(records, summary)
+
+
+# -- what to evaluate ------------------------------------------------------------------------------------------------
+class MathScorer:
+    """Scores with math-verify in :class:`pte.rewards.MathGrader`'s pool (gold first, timeouts); close it after.
+    One sample at a time, so one worker (each worker's start-up costs seconds)."""
+
+    def __init__(self):
+        from pte.rewards import MathGrader
+
+        self.grader = MathGrader(workers=1)
+
+    def __call__(self, completion: str, example: Example) -> float:
+        return self.grader.grade([completion], [example.answer])[0]
+
+    def close(self) -> None:
+        self.grader.close()
+
+
+def load_problems(benchmark: str, *, data_dir: str | None = None, limit: int | None = None, seed: int = 0,
+                  prompt_field: str | None = None, answer_field: str = "answer", answer_format: str = "auto",
+                  task_options: dict | None = None):
+    """``benchmark``: a registry name (math-verify scoring), a task of :mod:`pte.tasks` (its own scorer,
+    ``limit`` problems generated with ``seed``) or a JSONL / Parquet / HF ``save_to_disk`` path.
+    -> (examples, score)."""
+    from pte.benchmarks import REGISTRY, load_benchmark
+    from pte.data import load_examples, read_jsonl
+    from pte.tasks import TASKS, make_task
+
+    if benchmark in REGISTRY:
+        return load_benchmark(benchmark, data_dir=data_dir, limit=limit), MathScorer()
+    if benchmark in TASKS:
+        task = make_task(benchmark, **(task_options or {}))
+        return task.examples(limit or TASK_PROBLEMS, seed=seed), task.score
+    path = Path(benchmark)
+    if not path.exists():
+        raise ValueError(f"unknown benchmark {benchmark!r}: not a registered benchmark {sorted(REGISTRY)}, not a "
+                         f"task {sorted(TASKS)}, and no such file; pass one of those or the path of a JSONL file")
+    if prompt_field is None:
+        prompt_field = "question"
+        if path.is_file() and path.suffix != ".parquet":
+            first = next((rec for _, rec in read_jsonl(path)), {})
+            prompt_field = next((f for f in ("problem", "question", "prompt") if f in first), "question")
+    return load_examples(str(path), prompt_field, answer_field, answer_format, limit), MathScorer()
+
+
+# -- files ------------------------------------------------------------------------------------------------------------
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename over ``path``: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _size_key(s: dict) -> tuple[float, str]:
+    size = s["budget"] if s["sized_by"] == "budget" else s["window"]
+    return (math.inf if size is None else size, s["label"])
+
+
+def write_tables(out: Path, entries: list[tuple[str | None, str | None, dict]], title: str) -> str:
+    """``entries``: (run, method, summary dict) rows; run/method are None for a single run.
+    Writes summary.md and summary.csv; returns the markdown."""
+    ks = sorted({int(k) for _, _, s in entries for k in s["pass_at_k"]} - {1})
+    lead = ["run", "method"] if entries[0][0] is not None else []
+    head = lead + ["label", "window", "budget", "question tokens", "problems", "samples", "pass@1 % (95% CI)"] + \
+        [f"pass@{k} %" for k in ks] + ["mean length", "evictions/sample", "tokens/s", "peak memory MiB", "seconds"]
+    md = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(lead + ["label", "sized_by", "window", "budget", "question_tokens", "problems", "samples", "pass1",
+                       "ci_low", "ci_high"] + [f"pass@{k}" for k in ks] +
+               ["mean_length", "mean_evictions", "tokens_per_s", "peak_memory_mib", "memory_kind", "seconds"])
+    for run, method, s in entries:
+        pk = {int(k): v for k, v in s["pass_at_k"].items()}
+        window = "full" if s["window"] is None else s["window"]
+        budget = "full" if s["budget"] is None else s["budget"]
+        mib = s["peak_memory_bytes"] / 2**20
+        pre = [run, method] if lead else []
+        md.append("| " + " | ".join(map(str, pre + [
+            s["label"], window, budget, s["question_tokens"], s["problems"], s["samples"],
+            f"{_pct(s['pass1'])} ({_pct(s['ci_low'])}–{_pct(s['ci_high'])})"] +
+            [_pct(pk[k]) if k in pk else "" for k in ks] +
+            [f"{s['mean_length']:.1f}", f"{s['mean_evictions']:.1f}", f"{s['tokens_per_s']:.0f}", f"{mib:.0f}",
+             f"{s['seconds']:.1f}"])) + " |")
+        w.writerow(pre + [s["label"], s["sized_by"], window, budget, s["question_tokens"], s["problems"], s["samples"],
+                          s["pass1"], s["ci_low"], s["ci_high"]] + [pk.get(k, "") for k in ks] +
+                   [s["mean_length"], s["mean_evictions"], s["tokens_per_s"], round(mib, 1), s["memory_kind"],
+                    s["seconds"]])
+    text = "\n".join(md) + "\n"
+    _write_text(out / "summary.md", text)
+    _write_text(out / "summary.csv", buf.getvalue())
+    return text
+
+
+def plot_accuracy(path: Path, lines: dict[str, list[dict]], title: str) -> None:
+    """pass@1 (with its 95% interval) per cache size, one line per run; sizes on a shared categorical axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({_size_key(s) for runs in lines.values() for s in runs})
+    labels = list(dict.fromkeys(label for _, label in keys))
+    x = {label: i for i, label in enumerate(labels)}
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for n, (name, runs) in enumerate(lines.items()):
+        runs = sorted(runs, key=_size_key)
+        ys = [100 * s["pass1"] for s in runs]
+        err = [[y - 100 * s["ci_low"] for y, s in zip(ys, runs)], [100 * s["ci_high"] - y for y, s in zip(ys, runs)]]
+        dodge = 0.06 * (n - (len(lines) - 1) / 2)  # so equal points and their intervals stay visible
+        ax.errorbar([x[s["label"]] + dodge for s in runs], ys, yerr=err, marker="o", capsize=4, label=name)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("cache size (wN: thought window N, bN: total budget N, full: no eviction)")
+    ax.set_ylabel("pass@1 % (95% Wilson CI)")
+    ax.set_ylim(-3, 103)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def write_run(out: str | Path, results: list[EvalResult], config: dict) -> str:
+    """predictions-<label>.jsonl per result, then summary.json/.md/.csv and accuracy.png. -> the markdown."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for res in results:
+        lines = "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in res.records)
+        _write_text(out / f"predictions-{res.summary.label}.jsonl", lines)
+    summaries = [asdict(r.summary) for r in results]
+    _write_text(out / "summary.json", json.dumps({"config": config, "runs": summaries}, indent=1))
+    title = f"{config.get('model')} {config.get('method')} on {config.get('benchmark')}"
+    text = write_tables(out, [(None, None, s) for s in summaries], title)
+    plot_accuracy(out / "accuracy.png", {config.get("method") or "run": summaries}, title)
+    return text
+
+
+def compare(dirs: list[str], out: str | Path) -> str:
+    """One table and one plot (a line per run, named by its directory) from earlier runs' summary.json."""
+    loaded = []
+    for d in dirs:
+        f = Path(d) / "summary.json"
+        if not f.exists():
+            raise FileNotFoundError(f"--compare {d}: no summary.json there; pass a directory written by "
+                                    "`pte eval --out DIR`")
+        loaded.append((Path(d).resolve().name, json.loads(f.read_text())))
+    names: dict[str, int] = {}
+    entries, lines = [], {}
+    for name, data in loaded:
+        names[name] = names.get(name, 0) + 1
+        name = name if names[name] == 1 else f"{name} ({names[name]})"
+        method = data["config"].get("method") or "base"
+        entries += [(name, method, s) for s in data["runs"]]
+        lines[name] = data["runs"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    title = "comparison: " + ", ".join(lines)
+    text = write_tables(out, entries, title)
+    plot_accuracy(out / "accuracy.png", lines, title)
+    return text
+
+
+# -- the command -------------------------------------------------------------------------------------------------------
+def _task_options(items: list[str] | None) -> dict:
+    options = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--task-option {item!r}: expected KEY=VALUE, e.g. filler=40")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def run_command(args) -> str:
+    """``pte eval`` without ``--compare``: checks the cheap things first, then loads, sweeps, writes."""
+    from pte.models import load
+
+    if not args.model or not args.benchmark:
+        raise ValueError("pte eval needs --model and --benchmark (or --compare DIR ... to merge earlier runs)")
+    if args.max_new_tokens is None:
+        raise ValueError("pass --max-new-tokens T (the paper evaluates with 3072; AIME with 6144)")
+    if args.cache_window and args.cache_budget:
+        raise ValueError("pass either --cache-window (thought tokens) or --cache-budget (question + window), not both")
+    if args.question_tokens is not None and not args.cache_budget:
+        raise ValueError("--question-tokens splits a --cache-budget; with --cache-window the whole prompt is kept")
+    try:
+        ks = tuple(int(k) for k in args.k.split(","))
+    except ValueError:
+        raise ValueError(f"--k {args.k}: expected comma-separated integers, e.g. 1,4,16") from None
+    check_ks(ks, args.n)
+    sized_by = "budget" if args.cache_budget else "window"
+    sizes = parse_sizes(args.cache_budget or args.cache_window or "full",
+                        "--cache-budget" if args.cache_budget else "--cache-window")
+    examples, score = load_problems(args.benchmark, data_dir=args.data_dir, limit=args.limit, seed=args.seed,
+                                    prompt_field=args.prompt_field, answer_field=args.answer_field,
+                                    answer_format=args.answer_format, task_options=_task_options(args.task_option))
+    try:
+        model, tok = load(args.model, dtype=args.dtype, device=args.device, attn=args.attn)
+        adapter, method = None, "base"
+        if args.adapter:
+            from pte.adapter import load as load_adapter
+            from pte.adapter import read_config
+
+            adapter = load_adapter(model, args.adapter)
+            method = read_config(args.adapter)["adapter"]["method"]
+        lengths = [len(p) for p in render_prompts(tok, examples, args.chat)]
+        runs = []
+        for size in sizes:
+            window = size if size is None or sized_by == "window" else split_budget(size, lengths, args.question_tokens)
+            runs.append((CacheSpec(window, args.evict_fraction, args.policy), size if sized_by == "budget" else None))
+        sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, eos_token_ids=eos_token_ids(model, tok),
+                            stop_strings=tuple(args.stop or ()))
+        results = [evaluate(model, tok, examples, score, spec=spec, sampling=sampling, n_samples=args.n, ks=ks,
+                            batch_size=args.batch_size, adapter=adapter, chat=args.chat, seed=args.seed, budget=budget)
+                   for spec, budget in runs]
+    finally:
+        if isinstance(score, MathScorer):
+            score.close()
+    from pte.train import _code_version
+
+    config = dict(model=args.model, adapter=args.adapter, method=method, benchmark=args.benchmark,
+                  problems=len(examples), n=args.n, ks=list(ks), max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=args.chat,
+                  sized_by=sized_by, question_tokens=args.question_tokens, evict_fraction=args.evict_fraction,
+                  policy=args.policy, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                  task_options=_task_options(args.task_option), code_version=_code_version())
+    return write_run(args.out, results, config)

@@ -1,0 +1,127 @@
+"""``pte check-mechanism``: can an adapter carry what the window drops? The diagnostic before RL.
+
+Teacher-forced training (supervised, on the long-range task's worked solutions) of LoRA_c, PTE and PTE without
+the evicted part of its state (``ablation=global_only``), each under the same bounded cache, the same steps, batch
+and learning rate, through the same segment-by-segment replay GRPO uses (:func:`pte.replay.replay`, truncated).
+Then greedy answer accuracy under that cache on held-out problems.
+
+Reading it: the answer was written ``filler`` tokens before it is needed, more than ``layers x window``, so
+neither the window nor a relay through the layers reaches it. LoRA_c's static update cannot recover it (chance,
+10%); PTE's state is built from the evicted keys/values, so if it carries the answer PTE wins; without the
+evicted part (the ablation) PTE is a re-parametrised static adapter and must fall back to chance. If PTE cannot
+win here, GRPO, whose signal is far weaker than teacher forcing, will not either.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from pte.adapter import AdapterConfig, attach
+from pte.cache import sliding_eviction_steps
+from pte.models import load
+from pte.pretrain import SHIPPED_BASE, task_accuracy
+from pte.replay import replay
+from pte.rollout import CacheSpec, RolloutRow
+from pte.tasks.long_range import LongRange
+
+VARIANTS = {  # name -> adapter config overrides
+    "lora_c": dict(method="lora_c"),
+    "pte": dict(method="pte"),
+    "pte_no_evicted": dict(method="pte", ablation="global_only"),
+}
+HELD_OUT_SEED = 20_000_003  # neither pre-training (1..steps) nor this check's training seeds reach it
+
+
+@dataclass
+class MechanismConfig:
+    base: str = str(SHIPPED_BASE)
+    window: int = 8
+    evict_fraction: float = 0.25
+    rank: int = 8
+    n_global: int = 8
+    steps: int = 60
+    batch: int = 64
+    lr: float = 1e-2
+    truncate: bool = True
+    eval_problems: int = 200
+    seed: int = 0
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+
+
+def worked_rows(tok, task: LongRange, examples, spec: CacheSpec) -> list[RolloutRow]:
+    """The worked solutions as rollout rows: the evictions a sliding window makes while feeding them."""
+    rows = []
+    for e in examples:
+        completion = tok(task.solution(e))["input_ids"] + [tok.eos_token_id]
+        steps = sliding_eviction_steps(len(completion) - 1, spec.window, spec.evict_fraction)
+        rows.append(RolloutRow(tok(e.prompt)["input_ids"], completion, [], spec.window, steps, "eos"))
+    return rows
+
+
+def train_variant(model, tok, task: LongRange, cfg: MechanismConfig, variant: str, log=print) -> dict:
+    spec = CacheSpec(window=cfg.window, evict_fraction=cfg.evict_fraction)
+    rank = cfg.rank
+    adapter = attach(model, AdapterConfig(rank=rank, n_global=cfg.n_global if variant.startswith("pte") else rank,
+                                          seed=cfg.seed, **VARIANTS[variant]))
+    try:
+        opt = torch.optim.Adam(adapter.parameters(), lr=cfg.lr)
+        start = time.perf_counter()
+        for step in range(cfg.steps):
+            rows = worked_rows(tok, task, task.examples(cfg.batch, seed=cfg.seed * 7919 + 100 + step), spec)
+            n_tokens = sum(len(r.completion_ids) for r in rows)
+
+            def nll(logp, cols):  # mean over every thought token of the batch
+                return -logp.sum() / n_tokens
+
+            opt.zero_grad(set_to_none=True)
+            res = replay(model, rows, spec, adapter=adapter, loss_fn=nll, truncate=cfg.truncate,
+                         pad_token_id=tok.pad_token_id)
+            opt.step()
+            if step % 10 == 0 or step == cfg.steps - 1:
+                answer_logp = res.logprobs[:, -2].mean().item()  # the answer digit (before EOS)
+                log(f"{variant}: step {step + 1}/{cfg.steps}  nll/token {res.loss:.4f}  "
+                    f"answer p(gold) {torch.tensor(answer_logp).exp():.2f}  ({time.perf_counter() - start:.0f}s)")
+        seconds = time.perf_counter() - start
+        acc = task_accuracy(model, tok, task, cfg.eval_problems, HELD_OUT_SEED, cfg.window, adapter=adapter,
+                            evict_fraction=cfg.evict_fraction)
+        return {"variant": variant, "accuracy": acc, "train_seconds": round(seconds, 1)}
+    finally:
+        adapter.detach()
+
+
+def check_mechanism(cfg: MechanismConfig, log=print) -> dict:
+    for v in cfg.variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
+    model, tok = load(cfg.base, dtype="float32")
+    task = LongRange(**_task_options(cfg.base))
+    task.check_difficulty(model.config.num_hidden_layers, cfg.window)
+    start = time.perf_counter()
+    results = {"config": asdict(cfg),
+               "base_full": task_accuracy(model, tok, task, cfg.eval_problems, HELD_OUT_SEED, None),
+               "base_window": task_accuracy(model, tok, task, cfg.eval_problems, HELD_OUT_SEED, cfg.window,
+                                            evict_fraction=cfg.evict_fraction)}
+    log(f"base: full cache {results['base_full']:.3f}, window {cfg.window}: {results['base_window']:.3f}")
+    results["variants"] = []
+    for v in cfg.variants:
+        torch.manual_seed(cfg.seed)
+        r = train_variant(model, tok, task, cfg, v, log)
+        log(f"{v}: answer accuracy under window {cfg.window}: {r['accuracy']:.3f} (trained {r['train_seconds']}s)")
+        results["variants"].append(r)
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    return results
+
+
+def _task_options(base: str) -> dict:
+    """The task the base model was pre-trained on (its recipe), so the check runs on the same filler."""
+    import json
+    from pathlib import Path
+
+    recipe = Path(base) / "recipe.json"
+    if not recipe.exists():
+        return {}
+    cfg = json.loads(recipe.read_text())["config"]
+    return {k: cfg[k] for k in ("hops", "filler") if k in cfg}

@@ -1,0 +1,55 @@
+"""The demo's base model: the shipped one does the task with a full cache and fails under the demo's window; the
+pre-training recipe saves a loadable model; the mechanism check feeds worked solutions with the rollout's
+evictions."""
+
+import json
+
+import torch
+
+from pte.cache import BoundedCache
+from pte.mechanism import worked_rows
+from pte.models import load
+from pte.pretrain import SHIPPED_BASE, PretrainConfig, pretrain, task_accuracy
+from pte.replay import replay
+from pte.rollout import CacheSpec, Decoder, left_pad
+from pte.tasks.long_range import LongRange, tokenizer
+
+
+def test_shipped_base_solves_the_task_with_a_full_cache_and_fails_under_the_window():
+    model, tok = load(str(SHIPPED_BASE))
+    recipe = json.loads((SHIPPED_BASE / "recipe.json").read_text())
+    task = LongRange(hops=recipe["config"]["hops"], filler=recipe["config"]["filler"])
+    task.check_difficulty(model.config.num_hidden_layers, 8)
+    assert task_accuracy(model, tok, task, 100, seed=123_457, window=None) >= 0.9
+    assert task_accuracy(model, tok, task, 100, seed=123_457, window=8) <= 0.5
+
+
+def test_pretrain_writes_a_model_that_loads_with_equal_logits(tmp_path):
+    logs = []
+    out = pretrain(PretrainConfig(out=str(tmp_path / "base"), hidden=32, layers=1, heads=2, steps=2, batch=4,
+                                  eval_problems=4), log=logs.append)
+    assert (out / "recipe.json").exists() and not list(tmp_path.glob("*.tmp-*"))
+    assert json.loads((out / "recipe.json").read_text())["config"]["steps"] == 2
+    assert any("step 2/2" in m for m in logs)
+    model, tok = load(str(out))
+    ids = torch.tensor([tok("3>4 start 3 =")["input_ids"]])
+    again, _ = load(str(out))
+    assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+    assert tok.decode(ids[0]) == "3>4 start 3 ="
+
+
+def test_worked_rows_replay_equals_feeding_the_solution_through_the_bounded_cache():
+    model, tok = load(str(SHIPPED_BASE))
+    task = LongRange(filler=40)
+    spec = CacheSpec(window=8)
+    examples = task.examples(3, seed=9)
+    rows = worked_rows(tok, task, examples, spec)
+    got = replay(model, rows, spec, pad_token_id=tok.pad_token_id).logprobs
+    ids, pmask = left_pad([r.prompt_ids for r in rows], tok.pad_token_id)
+    comp = torch.tensor([r.completion_ids for r in rows])
+    with torch.no_grad():
+        dec = Decoder(model, BoundedCache.for_model(model, window=8))
+        logits = torch.cat([dec.prefill(ids, pmask)[:, -1:]] + [dec.step(comp[:, c:c + 1]) for c in range(comp.shape[1] - 1)], 1)
+    want = logits.log_softmax(-1).gather(-1, comp[..., None])[..., 0]
+    assert torch.allclose(got, want, atol=1e-4)
+    assert rows[0].eviction_steps[0] == 8 and len(rows[0].eviction_steps) == len(range(8, comp.shape[1] - 1, 2))
