@@ -1,22 +1,28 @@
-"""``pte demo``: what pte does today, on a tiny model built in code (no download).
+"""``pte demo``: base / LoRA / LoRA_c / PTE on a task that needs what the cache evicts, end to end on 2 CPU cores.
 
 1. Exactness: under evictions, the bounded cache's logits equal one full forward whose mask hides exactly the
    evicted thought tokens, at their original positions (the invariant the public re-implementation breaks).
-2. Constant memory: the KV cache of a bounded rollout stays flat as generation grows; a full cache grows.
+2. The shipped base model (``pte/assets/long_range_base``, built by ``pte pretrain-task``) on held-out long-range
+   problems: full cache versus sliding windows.
+3. GRPO, same steps and prompts for each method: LoRA with a full cache, LoRA_c and PTE under the demo's window.
+4. Every model at every window on the same held-out problems (greedy, 95% Wilson intervals), the training and
+   rollout memory of the last step, and tokens/s; a table (``demo.md``), ``demo.json`` and ``accuracy.png``.
 
-The GRPO comparison of base / LoRA / LoRA_c / PTE (issue 5) is not built yet.
+No download: the base model ships with pte (2.5 MB) and is rebuilt only if missing.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from pte.cache import BoundedCache
 from pte.models import tiny_model
 from pte.rollout import CacheSpec, Decoder, Sampling, left_pad, rollout
-
 
 def _exactness(model, window: int, T: int) -> tuple[float, int]:
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
@@ -44,25 +50,148 @@ def _exactness(model, window: int, T: int) -> tuple[float, int]:
     return float((got - ref[:, P - 1:]).abs().max()), cache.evictions
 
 
-@torch.no_grad()
+@dataclass
+class DemoConfig:
+    window: int = 8  # the default window: filler 40 > 4 layers x 8
+    eval_windows: tuple = (None, 16, 8, 4)
+    evict_fraction: float = 0.25
+    steps: int = 20
+    prompts_per_step: int = 4
+    group_size: int = 8
+    rank: int = 8
+    lr: float = 1e-2
+    eval_problems: int = 200
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "DemoConfig":
+        return cls(eval_windows=(None, 8), steps=2, prompts_per_step=2, group_size=4, eval_problems=20)
+
+
+EVAL_SEED = 30_000_001  # held-out: training draws its problems with seed run.seed (0), pre-training 1..steps
+METHODS = (("lora", None), ("lora_c", "window"), ("pte", "window"))  # method, cache during training
+
+
+def base_model_dir(log) -> Path:
+    from pte.pretrain import SHIPPED_BASE, PretrainConfig, pretrain
+
+    if (SHIPPED_BASE / "model.safetensors").exists():
+        return SHIPPED_BASE
+    out = Path("outputs/long_range_base")
+    if not (out / "model.safetensors").exists():
+        log(f"the shipped base model is missing; building it with `pte pretrain-task --out {out}` (~10 min)")
+        pretrain(PretrainConfig(out=str(out)), log=log)
+    return out
+
+
+def train_method(base: Path, method: str, window: int | None, cfg: DemoConfig, out: Path, max_new: int) -> dict:
+    from pte.config import TrainConfig
+    from pte.train import train
+
+    tc = TrainConfig()
+    tc.model.name = str(base)
+    tc.data.task, tc.data.task_options = "long_range", _task_options(base)
+    tc.adapter.method, tc.adapter.rank, tc.adapter.n_global = method, cfg.rank, cfg.rank
+    tc.cache.window, tc.cache.evict_fraction = window, cfg.evict_fraction
+    tc.sampling.max_new_tokens, tc.sampling.temperature = max_new, 1.0
+    tc.grpo.group_size, tc.grpo.prompts_per_step = cfg.group_size, cfg.prompts_per_step
+    tc.optim.lr = cfg.lr
+    tc.run.steps, tc.run.out_dir, tc.run.seed = cfg.steps, str(out / f"train-{method}"), cfg.seed
+    tc.run.save_every, tc.run.threads = cfg.steps, torch.get_num_threads()
+    start = time.perf_counter()
+    last = train(tc, progress=True)
+    last["train_seconds"] = time.perf_counter() - start
+    return last
+
+
+def _task_options(base: Path) -> dict:
+    from pte.mechanism import _task_options as opts
+
+    return opts(str(base))
+
+
 def demo(quick: bool = False, out: str | None = None) -> int:
+    from pte.adapter import load as load_adapter
+    from pte.evaluate import EvalResult, compare, evaluate, write_run
+    from pte.models import load
+    from pte.tasks.long_range import LongRange
+    from pte.train import latest_checkpoint
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    cfg = DemoConfig.quick() if quick else DemoConfig()
+    out_dir = Path(out or "outputs/demo")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    log("pte demo: Progressive Thought Encoding on 2 CPU cores, no download\n")
+
     torch.manual_seed(0)
-    model = tiny_model("qwen2", vocab_size=512, hidden=128, layers=4, heads=4, kv_heads=2, init_std=0.2)
-    print("pte demo — tiny random Qwen2 (4 layers, hidden 128), CPU\n")
-    err, n_ev = _exactness(model, window=16, T=64 if quick else 200)
-    print(f"1. exactness under eviction: {n_ev} evictions, max |logit - masked full forward| = {err:.2e}")
-    lengths = (64, 256) if quick else (128, 512, 2048)
-    prompts = [list(range(3, 40)), list(range(50, 70))]
-    print("\n2. KV cache versus generation length (batch 2, window 64 thought tokens on top of the question)")
-    print("| generated | full cache tokens | full cache KiB | bounded tokens | bounded KiB | evictions | bounded tok/s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for n in lengths:
-        s = Sampling(max_new_tokens=n, temperature=1.0)
-        full = rollout(model, prompts, s, CacheSpec(), generator=torch.Generator().manual_seed(0))
-        start = time.perf_counter()
-        bounded = rollout(model, prompts, s, CacheSpec(window=64), generator=torch.Generator().manual_seed(0))
-        print(f"| {n} | {full.peak_cache_tokens} | {full.peak_cache_bytes // 1024} | {bounded.peak_cache_tokens} | "
-              f"{bounded.peak_cache_bytes // 1024} | {len(bounded.rows[0].eviction_steps)} | "
-              f"{bounded.generated_tokens / (time.perf_counter() - start):.0f} |")
-    print("\nThe GRPO demo (base / LoRA / LoRA_c / PTE) is not built yet; see README 'Status'.")
+    probe = tiny_model("qwen2", vocab_size=512, hidden=128, layers=4, heads=4, kv_heads=2, init_std=0.2)
+    with torch.no_grad():
+        err, n_ev = _exactness(probe, window=16, T=64 if quick else 200)
+    log(f"1. exactness: {n_ev} evictions, max |logit - masked full forward| = {err:.2e} "
+        f"({'ok' if err < 1e-3 else 'FAILED'})")
+
+    base = base_model_dir(log)
+    model, tok = load(str(base), dtype="float32")
+    task = LongRange(**_task_options(base))
+    task.check_difficulty(model.config.num_hidden_layers, cfg.window)
+    examples = task.examples(cfg.eval_problems, seed=EVAL_SEED)
+    max_new = len(tok(task.solution(examples[0]))["input_ids"]) + 4
+    sampling = Sampling(max_new_tokens=max_new, temperature=0, eos_token_ids=(tok.eos_token_id,))
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"2. base model {base} ({n_params / 1e6:.2f}M parameters; task: {task.hops} hops, filler {task.filler}, "
+        f"answer {task.thought_tokens_before_answer()} tokens after it is written)")
+
+    def eval_all(name: str, adapter=None) -> list[EvalResult]:
+        results = [evaluate(model, tok, examples, task.score, spec=CacheSpec(window=w, evict_fraction=cfg.evict_fraction),
+                            sampling=sampling, batch_size=100, adapter=adapter, progress=False, seed=cfg.seed)
+                   for w in cfg.eval_windows]
+        write_run(out_dir / f"eval-{name}", results, {"model": str(base), "method": name, "benchmark": "long_range",
+                                                       "seed": EVAL_SEED})
+        log(f"   {name:7s} " + "  ".join(f"{r.summary.label}: {100 * r.summary.pass1:5.1f}%" for r in results))
+        return results
+
+    evals = {"base": eval_all("base")}
+    trained = {}
+    log(f"3. GRPO, {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.group_size} samples, rank {cfg.rank}, "
+        f"window {cfg.window} for LoRA_c and PTE, full cache for LoRA")
+    for method, cache in METHODS:
+        window = cfg.window if cache == "window" else None
+        trained[method] = train_method(base, method, window, cfg, out_dir, max_new)
+        m = trained[method]
+        log(f"   {method}: last-step reward {m['reward']:.2f}, {m['train_seconds']:.0f}s")
+    log(f"4. evaluation on {cfg.eval_problems} held-out problems (greedy)")
+    for method, _ in METHODS:
+        adapter = load_adapter(model, latest_checkpoint(out_dir / f"train-{method}"))
+        try:
+            evals[method] = eval_all(method, adapter)
+        finally:
+            adapter.detach()
+    compare([str(out_dir / f"eval-{m}") for m in evals], out_dir / "compare")
+    table = results_table(evals, trained, cfg)
+    (out_dir / "demo.md").write_text(table)
+    (out_dir / "demo.json").write_text(json.dumps({
+        "config": asdict(cfg), "base": str(base),
+        "eval": {m: [asdict(r.summary) for r in rs] for m, rs in evals.items()},
+        "train_last_step": trained, "seconds": time.perf_counter() - t_start}, indent=1, default=str))
+    log("\n" + table)
+    log(f"written: {out_dir}/demo.md, demo.json, compare/accuracy.png; {time.perf_counter() - t_start:.0f}s in all")
     return 0 if err < 1e-3 else 1
+
+
+def results_table(evals: dict, trained: dict, cfg: DemoConfig) -> str:
+    labels = [r.summary.label for r in next(iter(evals.values()))]
+    head = ["method", "trained with"] + [f"acc. {lb} % (95% CI)" for lb in labels] + \
+        ["rollout tok/s (w%d)" % cfg.window, "train peak MiB (replay)", "rollout peak MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, results in evals.items():
+        t = trained.get(method)
+        how = "—" if t is None else ("full cache" if t["window"] is None else f"window {t['window']}")
+        accs = [f"{100 * r.summary.pass1:.1f} ({100 * r.summary.ci_low:.0f}–{100 * r.summary.ci_high:.0f})"
+                for r in results]
+        at_window = next((r.summary.tokens_per_s for r in results if r.summary.window == cfg.window), float("nan"))
+        mem = ["—", "—"] if t is None else [f"{t['peak_bytes_replay'] / 2**20:.1f}", f"{t['peak_bytes_rollout'] / 2**20:.1f}"]
+        lines.append("| " + " | ".join([method, how] + accs + [f"{at_window:.0f}"] + mem) + " |")
+    return "\n".join(lines) + "\n"

@@ -81,11 +81,22 @@ def test_console_script_runs(saved_model):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["generated_tokens"] == 5
 
 
-def test_demo_quick_checks_exactness(capsys):
+def test_demo_quick_runs_end_to_end(capsys, tmp_path):
+    """The README's main command in its short form: exactness, GRPO for three methods, evaluation, the table."""
+    import json as _json
+
     from pte.demo import demo
 
-    assert demo(quick=True) == 0
-    assert "max |logit - masked full forward|" in capsys.readouterr().out
+    assert demo(quick=True, out=str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "max |logit - masked full forward|" in out and "| pte | window 8 |" in out
+    result = _json.loads((tmp_path / "demo.json").read_text())
+    assert set(result["eval"]) == {"base", "lora", "lora_c", "pte"}
+    assert [s["window"] for s in result["eval"]["pte"]] == [None, 8]
+    assert result["train_last_step"]["lora"]["window"] is None and result["train_last_step"]["pte"]["window"] == 8
+    assert (tmp_path / "compare" / "accuracy.png").stat().st_size > 0
+    for method in ("lora", "lora_c", "pte"):
+        assert len((tmp_path / f"train-{method}" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_generate_with_adapter_runs_the_trained_policy(saved_model, capsys, tmp_path):

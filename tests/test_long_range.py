@@ -37,8 +37,10 @@ def test_verifier_accepts_exactly_the_correct_answer():
         for d in "0123456789":
             wrong = solution[:-1] + d
             assert task.score(wrong, e) == (1.0 if d == e.answer else 0.0)
-        assert task.score(f"ans {e.answer} ... ans {(int(e.answer) + 1) % 10}", e) == 0.0  # the last one counts
+        assert task.score(solution + f" ans {(int(e.answer) + 1) % 10}", e) == 0.0  # the last one counts
         assert task.score("", e) == 0.0 and task.score(f"a{e.answer}", e) == 0.0
+        assert task.score(solution.replace("." * 10, "." * 9), e) == 0.0  # the filler shortcut does not score
+        assert task.score(solution.replace("." * 10, "." * 12) + " ", e) == 1.0
 
 
 def test_tokenizer_makes_each_pointer_one_token_and_round_trips():

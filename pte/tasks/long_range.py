@@ -18,7 +18,8 @@ a plain sliding window cannot; PTE's state can, if it keeps what was evicted.
 (An earlier design, mod-10 arithmetic on a start digit with character-level operations, was not learnt by a
 0.6M-parameter model within 300 steps here; the pointer version is; see the README.)
 
-Verification is exact: the last ``ans D`` of the completion must be the answer digit.
+Verification is exact: the last ``ans D`` of the completion must be the answer digit, and it must follow a filler
+stretch of at least ``filler`` characters (otherwise RL finds the shortcut of skipping the filler).
 """
 
 from __future__ import annotations
@@ -82,8 +83,15 @@ class LongRange:
         return " " + " ".join(map(str, digits)) + f" a{digits[-1]} " + self.filler_char * self.filler + f" ans {digits[-1]}"
 
     def score(self, completion: str, example: Example) -> float:
-        found = _ANS.findall(completion)
-        return 1.0 if found and found[-1] == example.answer else 0.0
+        """1 if the last ``ans D`` is right *and* follows at least ``filler`` filler characters. Without the filler
+        rule a policy trained with a window learns to skip the filler and copy ``a<d>`` from inside the window,
+        which scores without memory (seen in the first GRPO runs)."""
+        found = list(_ANS.finditer(completion))
+        if not found or found[-1].group(1) != example.answer:
+            return 0.0
+        before = completion[:found[-1].start()].rstrip(" ")
+        run = len(before) - len(before.rstrip(self.filler_char))
+        return 1.0 if run >= self.filler else 0.0
 
     def thought_tokens_before_answer(self) -> int:
         """Tokens from the restated result to the final answer digit (one per character here)."""
