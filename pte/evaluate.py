@@ -134,7 +134,8 @@ def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    low = 0.0 if p <= 0 else max(0.0, center - half)  # exact bounds at 0% / 100% (no 1e-18 rounding residue)
+    return low, 1.0 if p >= 1 else min(1.0, center + half)
 
 
 def check_ks(ks, n_samples: int) -> None:
@@ -358,7 +359,8 @@ def plot_accuracy(path: Path, lines: dict[str, list[dict]], title: str) -> None:
     for n, (name, runs) in enumerate(lines.items()):
         runs = sorted(runs, key=_size_key)
         ys = [100 * s["pass1"] for s in runs]
-        err = [[y - 100 * s["ci_low"] for y, s in zip(ys, runs)], [100 * s["ci_high"] - y for y, s in zip(ys, runs)]]
+        err = [[max(0.0, y - 100 * s["ci_low"]) for y, s in zip(ys, runs)],  # max: float rounding at 0% / 100%
+               [max(0.0, 100 * s["ci_high"] - y) for y, s in zip(ys, runs)]]
         dodge = 0.06 * (n - (len(lines) - 1) / 2)  # so equal points and their intervals stay visible
         ax.errorbar([x[s["label"]] + dodge for s in runs], ys, yerr=err, marker="o", capsize=4, label=name)
     ax.set_xticks(range(len(labels)), labels)

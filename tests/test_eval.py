@@ -241,3 +241,16 @@ def test_bad_input_is_a_clear_error(saved_model, tmp_path, capsys, extra, messag
 def test_compare_without_a_summary_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--compare", str(tmp_path), "--out", str(tmp_path / "cmp")]) == 2
     assert "no summary.json there" in capsys.readouterr().err
+
+
+def test_interval_is_exact_at_the_ends_and_the_plot_accepts_them(tmp_path):
+    from pte.evaluate import plot_accuracy, wilson_interval
+
+    for n in (20, 100, 200, 500):
+        assert wilson_interval(0.0, n)[0] == 0.0 and wilson_interval(1.0, n)[1] == 1.0
+        low, high = wilson_interval(0.5, n)
+        assert low < 0.5 < high and abs((0.5 - low) - (high - 0.5)) < 1e-12
+    runs = [{"label": lb, "window": w, "budget": None, "sized_by": "window" if w else "full", "pass1": p, "ci_low": wilson_interval(p, 200)[0],
+             "ci_high": wilson_interval(p, 200)[1]} for lb, w, p in (("full", None, 1.0), ("w8", 8, 0.0))]
+    plot_accuracy(tmp_path / "a.png", {"run": runs}, "edges")
+    assert (tmp_path / "a.png").stat().st_size > 0
