@@ -169,22 +169,25 @@ def test_cli_writes_consistent_files(saved_model, tmp_path, capsys):
         assert float(row["pass1"]) == pytest.approx(summary["pass1"])
         assert row["window"] == str(summary["window"] or "full")
     assert data["runs"][0]["mean_evictions"] == 0 < data["runs"][1]["mean_evictions"]
-    assert data["runs"][1]["budget"] == 21 + 6 and data["config"]["method"] == "base"
+    q = max(len(TOK(e.prompt)["input_ids"]) for e in examples)  # the longest prompt, kept whole
+    assert data["runs"][1]["question_tokens"] == q and data["runs"][1]["budget"] == q + 6
+    assert data["config"]["method"] == "base"
     md = (tmp_path / "summary.md").read_text()
-    assert "| w6 | 6 | 27 | 21 | 5 | 2 |" in md and md in capsys.readouterr().out
+    assert f"| w6 | 6 | {q + 6} | {q} | 5 | 2 |" in md and md in capsys.readouterr().out
 
 
 def test_compare_merges_runs(saved_model, tmp_path):
     a = eval_cli(saved_model, tmp_path / "sliding", "--cache-window", "full,6")
-    b = eval_cli(saved_model, tmp_path / "other", "--cache-budget", "30,full", "--seed", "1")
-    assert [(s["label"], s["window"]) for s in b["runs"]] == [("b30", 9), ("full", None)]
+    q = max(len(TOK(e.prompt)["input_ids"]) for e in LongRange().examples(5, seed=1))
+    b = eval_cli(saved_model, tmp_path / "other", "--cache-budget", f"{q + 9},full", "--seed", "1")
+    assert [(s["label"], s["window"]) for s in b["runs"]] == [(f"b{q + 9}", 9), ("full", None)]
     out = tmp_path / "cmp"
     assert main(["eval", "--compare", str(tmp_path / "sliding"), str(tmp_path / "other"), "--out", str(out)]) == 0
     rows = list(csv.DictReader((out / "summary.csv").open()))
-    assert [(r["run"], r["label"]) for r in rows] == [("sliding", "full"), ("sliding", "w6"), ("other", "b30"),
+    assert [(r["run"], r["label"]) for r in rows] == [("sliding", "full"), ("sliding", "w6"), ("other", f"b{q + 9}"),
                                                       ("other", "full")]
     assert [float(r["pass1"]) for r in rows] == pytest.approx([s["pass1"] for s in a["runs"] + b["runs"]])
-    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG" and "| other | base | b30 |" in \
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG" and f"| other | base | b{q + 9} |" in \
         (out / "summary.md").read_text()
 
 
@@ -229,7 +232,7 @@ def test_math_file_benchmark_is_graded_by_math_verify(tmp_path):
     (["--benchmark", "nosuch"], "unknown benchmark 'nosuch'"),
     (["--cache-window", "0"], "at least one thought token"),
     (["--cache-window", "8", "--cache-budget", "40"], "not both"),
-    (["--cache-budget", "10"], "leaves no thought window: the question takes 21 tokens"),
+    (["--cache-budget", "10"], "--cache-budget 10 leaves no thought window: the question takes"),
 ])
 def test_bad_input_is_a_clear_error(saved_model, tmp_path, capsys, extra, message):
     argv = ["eval", "--model", str(saved_model), "--benchmark", "long_range", "--limit", "2",
