@@ -22,7 +22,7 @@ import torch
 
 from pte.cache import BoundedCache
 from pte.models import tiny_model
-from pte.rollout import CacheSpec, Decoder, Sampling, left_pad, rollout
+from pte.rollout import CacheSpec, Decoder, Sampling, left_pad
 
 def _exactness(model, window: int, T: int) -> tuple[float, int]:
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]

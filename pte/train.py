@@ -14,7 +14,6 @@ Each step, read as the algorithm:
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil

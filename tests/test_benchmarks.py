@@ -1,6 +1,5 @@
 import itertools
 import json
-from pathlib import Path
 
 import pytest
 

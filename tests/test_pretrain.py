@@ -12,7 +12,7 @@ from pte.models import load
 from pte.pretrain import SHIPPED_BASE, PretrainConfig, pretrain, task_accuracy
 from pte.replay import replay
 from pte.rollout import CacheSpec, Decoder, left_pad
-from pte.tasks.long_range import LongRange, tokenizer
+from pte.tasks.long_range import LongRange
 
 
 def test_shipped_base_solves_the_task_with_a_full_cache_and_fails_under_the_window():

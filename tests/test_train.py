@@ -243,7 +243,6 @@ def test_kl_reference_is_the_base_model(tmp_path, reference):
 
 
 def test_reasoning_gym_source_is_seeded_and_scored_by_its_generator():
-    from pte.data import Example
     from pte.tasks import make_task
 
     task = make_task("reasoning_gym", name="chain_sum")
