@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pte.files import write_atomic
 from pte.thought import StateSlot, ThoughtEncoder, ThoughtState
 
 METHODS = ("lora", "lora_c", "pte")
@@ -244,8 +244,8 @@ class Adapter:
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         meta = self.metadata() | {"cache": cache} | ({"extra": extra} if extra else {})
-        _atomic(out / "adapter.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        _atomic(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+        write_atomic(out / "adapter.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        write_atomic(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
         return out
 
 
@@ -255,17 +255,6 @@ def attach(model, config: AdapterConfig) -> Adapter:
 
 def _linear_names(layer) -> set[str]:
     return {n.rsplit(".", 1)[-1] for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_config(directory: str | os.PathLike) -> dict:
@@ -330,6 +319,6 @@ def export_peft(adapter: Adapter, directory: str | os.PathLike) -> Path:
         "base_model_name_or_path": getattr(adapter.model.config, "_name_or_path", "") or None,
         "inference_mode": True, "use_rslora": False, "use_dora": False,
     }
-    _atomic(out / "adapter_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(peft_cfg, indent=1)))
+    write_atomic(out / "adapter_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    write_atomic(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(peft_cfg, indent=1)))
     return out

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from pte.files import write_text_atomic
 from pte.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 # 4 layers, hidden 256, 4 heads (head_dim 64, no GQA), MLP 512, vocab 2048: about 3.7M parameters.
@@ -169,7 +170,7 @@ def _run_bench(kind: str, configs: list[dict], out: str, plot, table, describe) 
     results = _run_workers(kind, configs, describe)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(results, indent=1))
+    write_text_atomic(path, json.dumps(results, indent=1))
     plot(results, path.with_suffix(".png"))
     print(table(results))
     return results
@@ -244,12 +245,6 @@ def plot_rollout(results: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 WORKERS = {"rollout-worker": rollout_worker, "train-memory-worker": train_memory_worker}

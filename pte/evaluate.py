@@ -26,7 +26,6 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 
 from pte.data import Example, render_prompt
+from pte.files import write_atomic, write_text_atomic
 from pte.memory import peak_rss_bytes, reset_peak_rss
 from pte.passk import pass_at_k
 from pte.rewards import extract_answer
@@ -286,19 +286,8 @@ def load_problems(benchmark: str, *, data_dir: str | None = None, limit: int | N
 
 
 # -- files ------------------------------------------------------------------------------------------------------------
-def write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text_atomic(path, text)
 
 
 def _pct(x: float) -> str:
