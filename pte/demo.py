@@ -86,11 +86,13 @@ def base_model_dir(log) -> Path:
 
 def train_method(base: Path, method: str, window: int | None, cfg: DemoConfig, out: Path, max_new: int) -> dict:
     from pte.config import TrainConfig
+    from pte.pretrain import recipe_task
     from pte.train import train
 
     tc = TrainConfig()
     tc.model.name = str(base)
-    tc.data.task, tc.data.task_options = "long_range", _task_options(base)
+    task = recipe_task(base)
+    tc.data.task, tc.data.task_options = "long_range", {"hops": task.hops, "filler": task.filler}
     tc.adapter.method, tc.adapter.rank, tc.adapter.n_global = method, cfg.rank, cfg.rank
     tc.cache.window, tc.cache.evict_fraction = window, cfg.evict_fraction
     tc.sampling.max_new_tokens, tc.sampling.temperature = max_new, 1.0
@@ -104,17 +106,11 @@ def train_method(base: Path, method: str, window: int | None, cfg: DemoConfig, o
     return last
 
 
-def _task_options(base: Path) -> dict:
-    from pte.mechanism import _task_options as opts
-
-    return opts(str(base))
-
-
 def demo(quick: bool = False, out: str | None = None) -> int:
     from pte.adapter import load as load_adapter
     from pte.evaluate import EvalResult, compare, evaluate, write_run
     from pte.models import load
-    from pte.tasks.long_range import LongRange
+    from pte.pretrain import recipe_task
     from pte.train import latest_checkpoint
 
     def log(msg: str) -> None:
@@ -135,7 +131,7 @@ def demo(quick: bool = False, out: str | None = None) -> int:
 
     base = base_model_dir(log)
     model, tok = load(str(base), dtype="float32")
-    task = LongRange(**_task_options(base))
+    task = recipe_task(base)
     task.check_difficulty(model.config.num_hidden_layers, cfg.window)
     examples = task.examples(cfg.eval_problems, seed=EVAL_SEED)
     max_new = len(tok(task.solution(examples[0]))["input_ids"]) + 4

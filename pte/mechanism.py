@@ -22,7 +22,7 @@ import torch
 from pte.adapter import AdapterConfig, attach
 from pte.cache import sliding_eviction_steps
 from pte.models import load
-from pte.pretrain import SHIPPED_BASE, task_accuracy
+from pte.pretrain import SHIPPED_BASE, recipe_task, task_accuracy
 from pte.replay import replay
 from pte.rollout import CacheSpec, RolloutRow
 from pte.tasks.long_range import LongRange
@@ -97,7 +97,7 @@ def check_mechanism(cfg: MechanismConfig, log=print) -> dict:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
     model, tok = load(cfg.base, dtype="float32")
-    task = LongRange(**_task_options(cfg.base))
+    task = recipe_task(cfg.base)
     task.check_difficulty(model.config.num_hidden_layers, cfg.window)
     start = time.perf_counter()
     results = {"config": asdict(cfg),
@@ -114,14 +114,3 @@ def check_mechanism(cfg: MechanismConfig, log=print) -> dict:
     results["seconds"] = round(time.perf_counter() - start, 1)
     return results
 
-
-def _task_options(base: str) -> dict:
-    """The task the base model was pre-trained on (its recipe), so the check runs on the same filler."""
-    import json
-    from pathlib import Path
-
-    recipe = Path(base) / "recipe.json"
-    if not recipe.exists():
-        return {}
-    cfg = json.loads(recipe.read_text())["config"]
-    return {k: cfg[k] for k in ("hops", "filler") if k in cfg}

@@ -90,6 +90,15 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
 EVAL_SEED = 10_000_019  # held-out problems (training seeds are 1..steps)
 
 
+def recipe_task(base: str | Path) -> LongRange:
+    """The task a base model was pre-trained on (its ``recipe.json``), so later stages use the same filler."""
+    recipe = Path(base) / "recipe.json"
+    if not recipe.exists():
+        return LongRange()
+    cfg = json.loads(recipe.read_text())["config"]
+    return LongRange(**{k: cfg[k] for k in ("hops", "filler") if k in cfg})
+
+
 def save(model, tok, recipe: dict, out: Path) -> Path:
     """Atomically: a temporary sibling directory renamed over ``out``."""
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
