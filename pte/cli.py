@@ -134,7 +134,8 @@ def _check_mechanism(args) -> int:
     from pte.mechanism import MechanismConfig, check_mechanism
 
     cfg = MechanismConfig(steps=args.steps, window=args.window, lr=args.lr, truncate=not args.no_truncate,
-                          eval_problems=args.problems, **({"base": args.model} if args.model else {}))
+                          eval_problems=args.problems, loss=args.loss, rank=args.rank, n_global=args.rank,
+                          key_rope=args.key_rope, **({"base": args.model} if args.model else {}))
     if args.variants:
         cfg.variants = args.variants.split(",")
     result = check_mechanism(cfg, log=lambda m: print(f"[pte] {m}", file=sys.stderr))
@@ -239,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--problems", type=_positive_int, default=200, help="held-out problems for the accuracy")
     m.add_argument("--variants", help="comma-separated subset of lora_c,pte,pte_no_evicted")
     m.add_argument("--no-truncate", action="store_true", help="exact gradient through all segments (memory grows)")
+    m.add_argument("--loss", default="thought", choices=["thought", "answer"], help="NLL of the worked thought, or "
+                   "of the answer digit alone")
+    m.add_argument("--rank", type=_positive_int, default=8, help="adapter rank (PTE: also the number of global tokens)")
+    m.add_argument("--key-rope", default="unrotate", choices=["unrotate", "rotated"], help="PTE: evicted keys un-rotated "
+                   "(default) or as cached")
     m.add_argument("--json", help="also write the result here")
     m.set_defaults(func=_check_mechanism)
 

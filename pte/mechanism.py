@@ -46,6 +46,8 @@ class MechanismConfig:
     batch: int = 64
     lr: float = 1e-2
     truncate: bool = True
+    loss: str = "thought"  # thought: mean NLL over the worked thought | answer: the answer digit only
+    key_rope: str = "unrotate"
     eval_problems: int = 200
     seed: int = 0
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
@@ -64,8 +66,9 @@ def worked_rows(tok, task: LongRange, examples, spec: CacheSpec) -> list[Rollout
 def train_variant(model, tok, task: LongRange, cfg: MechanismConfig, variant: str, log=print) -> dict:
     spec = CacheSpec(window=cfg.window, evict_fraction=cfg.evict_fraction)
     rank = cfg.rank
+    pte_only = dict(key_rope=cfg.key_rope) if variant.startswith("pte") else {}
     adapter = attach(model, AdapterConfig(rank=rank, n_global=cfg.n_global if variant.startswith("pte") else rank,
-                                          seed=cfg.seed, **VARIANTS[variant]))
+                                          seed=cfg.seed, **VARIANTS[variant], **pte_only))
     try:
         opt = torch.optim.Adam(adapter.parameters(), lr=cfg.lr)
         start = time.perf_counter()
@@ -73,8 +76,14 @@ def train_variant(model, tok, task: LongRange, cfg: MechanismConfig, variant: st
             rows = worked_rows(tok, task, task.examples(cfg.batch, seed=cfg.seed * 7919 + 100 + step), spec)
             n_tokens = sum(len(r.completion_ids) for r in rows)
 
-            def nll(logp, cols):  # mean over every thought token of the batch
-                return -logp.sum() / n_tokens
+            answer = len(rows[0].completion_ids) - 2  # the answer digit (before EOS); rows have one length
+
+            def nll(logp, cols):  # logp [batch, cols]: mean over the thought, or the answer digit alone
+                if cfg.loss == "thought":
+                    return -logp.sum() / n_tokens
+                if cols.start <= answer < cols.stop:
+                    return -logp[:, answer - cols.start].mean()
+                return logp.sum() * 0.0
 
             opt.zero_grad(set_to_none=True)
             res = replay(model, rows, spec, adapter=adapter, loss_fn=nll, truncate=cfg.truncate,
@@ -82,7 +91,7 @@ def train_variant(model, tok, task: LongRange, cfg: MechanismConfig, variant: st
             opt.step()
             if step % 10 == 0 or step == cfg.steps - 1:
                 answer_logp = res.logprobs[:, -2].mean().item()  # the answer digit (before EOS)
-                log(f"{variant}: step {step + 1}/{cfg.steps}  nll/token {res.loss:.4f}  "
+                log(f"{variant}: step {step + 1}/{cfg.steps}  loss ({cfg.loss}) {res.loss:.4f}  "
                     f"answer p(gold) {torch.tensor(answer_logp).exp():.2f}  ({time.perf_counter() - start:.0f}s)")
         seconds = time.perf_counter() - start
         acc = task_accuracy(model, tok, task, cfg.eval_problems, HELD_OUT_SEED, cfg.window, adapter=adapter,
@@ -93,6 +102,8 @@ def train_variant(model, tok, task: LongRange, cfg: MechanismConfig, variant: st
 
 
 def check_mechanism(cfg: MechanismConfig, log=print) -> dict:
+    if cfg.loss not in ("thought", "answer"):
+        raise ValueError(f"loss={cfg.loss!r}: choose thought or answer")
     for v in cfg.variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
