@@ -115,18 +115,13 @@ def save(model, tok, recipe: dict, out: Path) -> Path:
 @torch.no_grad()
 def task_accuracy(model, tok, task: LongRange, n: int, seed: int, window: int | None, batch: int = 100,
                   evict_fraction: float = 0.25, adapter=None) -> float:
-    """Greedy answer accuracy on ``n`` generated problems under a cache window (``None``: full)."""
-    from pte.rollout import CacheSpec, Sampling, rollout
+    """Greedy answer accuracy (``pte eval``'s pass@1) on ``n`` generated problems under a window (``None``: full)."""
+    from pte.evaluate import evaluate
+    from pte.rollout import CacheSpec, Sampling
 
     examples = task.examples(n, seed=seed)
     max_new = len(tok(task.solution(examples[0]))["input_ids"]) + 2
-    correct = 0.0
-    for i in range(0, n, batch):
-        chunk = examples[i:i + batch]
-        res = rollout(model, [tok(e.prompt)["input_ids"] for e in chunk],
-                      Sampling(max_new_tokens=max_new, temperature=0, eos_token_ids=(tok.eos_token_id,)),
-                      CacheSpec(window=window, evict_fraction=evict_fraction), pad_token_id=tok.pad_token_id,
-                      adapter=adapter)
-        correct += sum(task.score(tok.decode(r.completion_ids, skip_special_tokens=True), e)
-                       for r, e in zip(res.rows, chunk))
-    return correct / n
+    result = evaluate(model, tok, examples, task.score, spec=CacheSpec(window=window, evict_fraction=evict_fraction),
+                      sampling=Sampling(max_new_tokens=max_new, temperature=0, eos_token_ids=(tok.eos_token_id,)),
+                      batch_size=batch, adapter=adapter, progress=False)
+    return result.summary.pass1
