@@ -11,7 +11,7 @@ Methods are configurations of these parts, not separate code:
 |---------|--------------------------------------------|--------------------------------------|
 | lora    | identity                                   | full                                 |
 | lora_c  | identity                                   | the same sliding window as PTE       |
-| pte     | ``Normalize(S_g + sum_k S'_k)`` per layer   | sliding window                       |
+| pte     | softmax read of global + evicted tokens, normalised, per layer (:mod:`pte.thought`) | sliding window |
 
 Default targets are every linear of attention and MLP (q, k, v, o, gate, up, down): the state should be able to
 act everywhere the layer computes, and the paper's LoRA baseline, whose targets it does not state, is most
@@ -47,7 +47,8 @@ class AdapterConfig:
     n_global: int = 32
     alpha: float | None = None  # None: alpha = rank, so alpha / r = 1
     targets: tuple[str, ...] = DEFAULT_TARGETS
-    state_update: str = "accumulate"  # | "recursive"
+    state_attention: str = "softmax"  # | "linear" (eq. 4 as printed); see pte.thought
+    state_update: str = "accumulate"  # | "recursive" (linear only)
     state_scale: str = "fixed"  # | "learnable"
     key_rope: str = "unrotate"  # | "rotated"
     ablation: str = "none"  # | "global_only" | "global0"
@@ -58,7 +59,7 @@ class AdapterConfig:
         self.validate()
 
     def validate(self) -> None:
-        choices = dict(method=METHODS, state_update=("accumulate", "recursive"), state_scale=("fixed", "learnable"),
+        choices = dict(method=METHODS, state_attention=("softmax", "linear"), state_update=("accumulate", "recursive"), state_scale=("fixed", "learnable"),
                        key_rope=("unrotate", "rotated"), ablation=("none", "global_only", "global0"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -72,6 +73,9 @@ class AdapterConfig:
                 f"method={self.method} fixes S to the r x r identity, so n_global must equal rank "
                 f"(got n_global={self.n_global}, rank={self.rank}); set n_global={self.rank}"
             )
+        if self.state_attention == "softmax" and self.state_update == "recursive":
+            raise ValueError("state_update='recursive' renormalises a linear sum; it needs state_attention='linear' "
+                             "(the softmax state is one read over every evicted token)")
         if self.method != "pte" and self.ablation != "none":
             raise ValueError(f"ablation={self.ablation!r} applies to method=pte only")
         if not self.targets:
@@ -197,7 +201,8 @@ class Adapter:
         if not self.config.stateful:
             return None
         c = self.config
-        return ThoughtState(self.encoders, self.slots, batch, update=c.state_update, ablation=c.ablation,
+        return ThoughtState(self.encoders, self.slots, batch, attention=c.state_attention, update=c.state_update,
+                            ablation=c.ablation,
                             key_rope=c.key_rope)
 
     @contextlib.contextmanager
@@ -284,6 +289,7 @@ def load(model, directory: str | os.PathLike) -> Adapter:
     if problems:
         raise ValueError(f"adapter {directory} was trained for another model ({meta['base_model'] or 'unnamed'}): "
                          + "; ".join(problems))
+    meta["adapter"].setdefault("state_attention", "linear")  # files from before the switch used eq. 4's linear state
     known = {f.name for f in fields(AdapterConfig)}
     unknown = set(meta["adapter"]) - known
     if unknown:

@@ -111,7 +111,7 @@ class BoundedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, used = key_states.shape[-2], self._len
-        if self._needs_autograd(key_states, value_states):
+        if self._needs_autograd():
             self._replace(
                 key_states if used == 0 else torch.cat([self.keys, key_states], dim=2),
                 value_states if used == 0 else torch.cat([self.values, value_states], dim=2),
@@ -128,8 +128,10 @@ class BoundedLayer(DynamicLayer):
             self.cache._note_peak()
         return self.keys, self.values
 
-    def _needs_autograd(self, *new: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and (any(t.requires_grad for t in new) or (self._k is not None and self._k.requires_grad))
+    def _needs_autograd(self) -> bool:
+        """Under grad, never write in place: even keys that need no grad (no adapter on k_proj) are saved by the
+        attention for the queries' backward, and an in-place write would invalidate them."""
+        return torch.is_grad_enabled()
 
     def _replace(self, keys, values, positions) -> None:
         self._k, self._v, self._pos, self._len = keys, values, positions, keys.shape[-2]

@@ -133,7 +133,8 @@ def _pretrain_task(args) -> int:
 def _check_mechanism(args) -> int:
     from pte.mechanism import MechanismConfig, check_mechanism
 
-    cfg = MechanismConfig(steps=args.steps, window=args.window, lr=args.lr, truncate=not args.no_truncate,
+    cfg = MechanismConfig(steps=args.steps, window=args.window, lr=args.lr, batch=args.batch, truncate=not args.no_truncate,
+                          max_grad_norm=args.max_grad_norm,
                           eval_problems=args.problems, loss=args.loss, rank=args.rank, n_global=args.rank,
                           key_rope=args.key_rope, **({"base": args.model} if args.model else {}))
     if args.variants:
@@ -234,15 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("check-mechanism", help="teacher-forced LoRA_c vs PTE vs PTE without its evicted state, "
                        "under the same bounded cache (the diagnostic before RL)")
     m.add_argument("--model", help="base model directory (default: the shipped long-range base)")
-    m.add_argument("--window", type=_positive_int, default=8)
-    m.add_argument("--steps", type=_positive_int, default=60)
-    m.add_argument("--lr", type=float, default=1e-2)
-    m.add_argument("--problems", type=_positive_int, default=200, help="held-out problems for the accuracy")
-    m.add_argument("--variants", help="comma-separated subset of lora_c,pte,pte_no_evicted")
+    from pte.mechanism import DEFAULT_VARIANTS, LOSSES, VARIANTS, MechanismConfig
+
+    mdef = MechanismConfig()
+    m.add_argument("--window", type=_positive_int, default=mdef.window)
+    m.add_argument("--steps", type=_positive_int, default=mdef.steps)
+    m.add_argument("--batch", type=_positive_int, default=mdef.batch)
+    m.add_argument("--lr", type=float, default=mdef.lr)
+    m.add_argument("--max-grad-norm", type=float, default=mdef.max_grad_norm, help="clip the adapter's gradient "
+                   "norm (0: off)")
+    m.add_argument("--problems", type=_positive_int, default=mdef.eval_problems, help="held-out problems for the accuracy")
+    m.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default "
+                   f"{','.join(DEFAULT_VARIANTS)}; pte_linear is eq. 4's linear state)")
     m.add_argument("--no-truncate", action="store_true", help="exact gradient through all segments (memory grows)")
-    m.add_argument("--loss", default="thought", choices=["thought", "answer"], help="NLL of the worked thought, or "
-                   "of the answer digit alone")
-    m.add_argument("--rank", type=_positive_int, default=8, help="adapter rank (PTE: also the number of global tokens)")
+    m.add_argument("--loss", default=mdef.loss, choices=LOSSES, help="NLL of the worked thought, of the answer digit "
+                   "alone, or their sum (default)")
+    m.add_argument("--rank", type=_positive_int, default=mdef.rank, help="adapter rank (PTE: also the number of global tokens)")
     m.add_argument("--key-rope", default="unrotate", choices=["unrotate", "rotated"], help="PTE: evicted keys un-rotated "
                    "(default) or as cached")
     m.add_argument("--json", help="also write the result here")

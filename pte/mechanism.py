@@ -1,9 +1,10 @@
 """``pte check-mechanism``: can an adapter carry what the window drops? The diagnostic before RL.
 
 Teacher-forced training (supervised, on the long-range task's worked solutions) of LoRA_c, PTE and PTE without
-the evicted part of its state (``ablation=global_only``), each under the same bounded cache, the same steps, batch
-and learning rate, through the same segment-by-segment replay GRPO uses (:func:`pte.replay.replay`, truncated).
-Then greedy answer accuracy under that cache on held-out problems.
+the evicted part of its state (``ablation=global_only``) — optionally PTE with eq. 4's linear state
+(``pte_linear``) — each under the same bounded cache, the same steps, batch, learning rate, clipping and loss,
+through the same segment-by-segment replay GRPO uses (:func:`pte.replay.replay`, truncated). Then greedy answer
+accuracy under that cache on held-out problems.
 
 Reading it: the answer was written ``filler`` tokens before it is needed, more than ``layers x window``, so
 neither the window nor a relay through the layers reaches it. LoRA_c's static update cannot recover it (chance,
@@ -31,7 +32,10 @@ VARIANTS = {  # name -> adapter config overrides
     "lora_c": dict(method="lora_c"),
     "pte": dict(method="pte"),
     "pte_no_evicted": dict(method="pte", ablation="global_only"),
+    "pte_linear": dict(method="pte", state_attention="linear"),  # eq. 4 as printed (no softmax)
 }
+DEFAULT_VARIANTS = ["lora_c", "pte", "pte_no_evicted"]
+LOSSES = ("thought+answer", "thought", "answer")
 HELD_OUT_SEED = 20_000_003  # neither pre-training (1..steps) nor this check's training seeds reach it
 
 
@@ -42,15 +46,18 @@ class MechanismConfig:
     evict_fraction: float = 0.25
     rank: int = 8
     n_global: int = 8
-    steps: int = 60
-    batch: int = 64
-    lr: float = 1e-2
+    steps: int = 200
+    batch: int = 128
+    lr: float = 3e-3
     truncate: bool = True
-    loss: str = "thought"  # thought: mean NLL over the worked thought | answer: the answer digit only
+    # thought: mean NLL over the worked thought (the answer is 1 of ~63 tokens) | answer: the answer digit only
+    # (the rest of the thought drifts, so generation breaks) | thought+answer: the sum of the two
+    loss: str = "thought+answer"
+    max_grad_norm: float = 1.0  # 0: no clipping (without it PTE's loss spiked mid-run)
     key_rope: str = "unrotate"
     eval_problems: int = 200
     seed: int = 0
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
 
 
 def worked_rows(tok, task: LongRange, examples, spec: CacheSpec) -> list[RolloutRow]:
@@ -72,38 +79,42 @@ def train_variant(model, tok, task: LongRange, cfg: MechanismConfig, variant: st
     try:
         opt = torch.optim.Adam(adapter.parameters(), lr=cfg.lr)
         start = time.perf_counter()
+        p_gold = float("nan")
         for step in range(cfg.steps):
             rows = worked_rows(tok, task, task.examples(cfg.batch, seed=cfg.seed * 7919 + 100 + step), spec)
             n_tokens = sum(len(r.completion_ids) for r in rows)
 
             answer = len(rows[0].completion_ids) - 2  # the answer digit (before EOS); rows have one length
 
-            def nll(logp, cols):  # logp [batch, cols]: mean over the thought, or the answer digit alone
-                if cfg.loss == "thought":
-                    return -logp.sum() / n_tokens
-                if cols.start <= answer < cols.stop:
-                    return -logp[:, answer - cols.start].mean()
-                return logp.sum() * 0.0
+            def nll(logp, cols):  # logp [batch, cols] -> this segment's share of the loss
+                loss = logp.sum() * 0.0
+                if cfg.loss != "answer":
+                    loss = loss - logp.sum() / n_tokens
+                if cfg.loss != "thought" and cols.start <= answer < cols.stop:
+                    loss = loss - logp[:, answer - cols.start].mean()
+                return loss
 
             opt.zero_grad(set_to_none=True)
             res = replay(model, rows, spec, adapter=adapter, loss_fn=nll, truncate=cfg.truncate,
                          pad_token_id=tok.pad_token_id)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.max_grad_norm)
             opt.step()
+            p_gold = res.logprobs[:, -2].exp().mean().item()  # the answer digit (before EOS), teacher-forced
             if step % 10 == 0 or step == cfg.steps - 1:
-                answer_logp = res.logprobs[:, -2].mean().item()  # the answer digit (before EOS)
                 log(f"{variant}: step {step + 1}/{cfg.steps}  loss ({cfg.loss}) {res.loss:.4f}  "
-                    f"answer p(gold) {torch.tensor(answer_logp).exp():.2f}  ({time.perf_counter() - start:.0f}s)")
+                    f"answer p(gold) {p_gold:.2f}  ({time.perf_counter() - start:.0f}s)")
         seconds = time.perf_counter() - start
         acc = task_accuracy(model, tok, task, cfg.eval_problems, HELD_OUT_SEED, cfg.window, adapter=adapter,
                             evict_fraction=cfg.evict_fraction)
-        return {"variant": variant, "accuracy": acc, "train_seconds": round(seconds, 1)}
+        return {"variant": variant, "accuracy": acc, "final_p_gold": round(p_gold, 4), "train_seconds": round(seconds, 1)}
     finally:
         adapter.detach()
 
 
 def check_mechanism(cfg: MechanismConfig, log=print) -> dict:
-    if cfg.loss not in ("thought", "answer"):
-        raise ValueError(f"loss={cfg.loss!r}: choose thought or answer")
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"loss={cfg.loss!r}: choose one of {list(LOSSES)}")
     for v in cfg.variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {list(VARIANTS)}")

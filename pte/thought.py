@@ -14,19 +14,29 @@ queries, a rank-r *linear-attention memory* of every evicted token: the sum over
 evicted tokens (there is no softmax in eq. 4).
 
 Defaults (each alternative is a switch in :class:`pte.adapter.AdapterConfig`):
-- ``state_update="accumulate"``: keep ``R = S_g + sum_k S'_k`` and use ``S = Normalize(R)`` (Fig. 2).
-  ``"recursive"`` is ``S <- Normalize(S + S')`` as the text writes it, which forgets old evictions geometrically.
+- ``state_attention="softmax"``: each global query reads the evicted tokens (and the global tokens themselves)
+  with a softmax, ``S = Normalize(softmax(Q_a [K_g; K_e]^T / sqrt(r)) [V_g; V_e])`` (Fig. 2 labels these paths
+  attention), accumulated online over evictions (running max, denominator, numerator per query: constant memory,
+  and equal to one pass over every evicted token). Before any eviction it attends to the global tokens alone, the
+  counterpart of ``S_g``. Why not eq. 4's linear form: a linear memory is a bag of ``k^T v`` products dominated by
+  whatever is evicted most often; on the long-range task the answer is ~5% of the state's norm, and no adapter
+  learnt to read it (``pte check-mechanism``, README). A softmax lets a query pick one token out of many.
+- ``state_attention="linear"`` is eq. 4 as printed: ``R = S_g + sum_k S'_k`` (``state_update="accumulate"``) with
+  ``S = Normalize(R)``, or ``"recursive"``, ``S <- Normalize(S + S')`` as the text writes it, which forgets old
+  evictions geometrically.
 - Normalize: Frobenius norm ``sqrt(min(n_g, r))`` (the norm of LoRA's identity), so PTE does not start ~sqrt(r)
   times weaker than LoRA; ``state_scale="learnable"`` makes that norm a per-layer parameter initialised there.
 - ``key_rope="unrotate"``: cached keys carry RoPE, ``k_g`` does not; evicted keys are un-rotated with their
   recorded positions before ``W^a_K`` (exact and cheap). ``"rotated"`` uses them as cached.
-- Ablations: ``"global_only"`` (no eviction update: S stays ``Normalize(S_g)``, a re-parametrised static LoRA),
-  ``"global0"`` (``S_g = 0``; ``q_g`` kept for the eviction path).
+- Ablations: ``"global_only"`` (no eviction update: S stays the global tokens' read, a re-parametrised static
+  LoRA), ``"global0"`` (no global tokens in the state: zero before the first eviction, then the evicted tokens
+  alone; ``q_g`` kept for the queries).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -43,6 +53,26 @@ def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     """Undo RoPE: keys [batch, heads, m, head_dim], cos/sin [batch, m, head_dim] (rotation by -theta)."""
     cos, sin = cos[:, None], sin[:, None]
     return keys * cos - rotate_half(keys) * sin
+
+
+class Summary(NamedTuple):
+    """Online-softmax statistics of one read: per query the max score, sum of exp(score - max), and the
+    exp-weighted sum of values. ``merge`` of two equals the read of both token sets at once."""
+
+    top: torch.Tensor  # [..., n_g]
+    denom: torch.Tensor  # [..., n_g]
+    numer: torch.Tensor  # [..., n_g, r]
+
+    def merge(self, other: "Summary") -> "Summary":
+        top = torch.maximum(self.top, other.top)
+        a, b = (self.top - top).exp(), (other.top - top).exp()
+        return Summary(top, self.denom * a + other.denom * b, self.numer * a[..., None] + other.numer * b[..., None])
+
+    def read(self) -> torch.Tensor:
+        return self.numer / self.denom[..., None]
+
+    def apply(self, fn) -> "Summary":
+        return Summary(*(fn(t) for t in self))
 
 
 class StateSlot:
@@ -87,6 +117,32 @@ class ThoughtEncoder(nn.Module):
             k = self.attn.k_norm(k.view(n, -1, self.head_dim)).reshape(n, -1)
         return q, k, v
 
+    def project(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None):
+        """Evicted keys/values [batch, kv_heads, m, head_dim] -> (W^a_K k, W^a_V v), each [batch, m, r].
+
+        ``positions`` [batch, m] un-rotate the keys; ``None`` uses them as cached (post-RoPE)."""
+        if positions is not None:
+            cos, sin = self.rotary(values, positions)
+            keys = unrotate(keys, cos.to(keys.dtype), sin.to(keys.dtype))
+        b, h, m, d = keys.shape
+        k = keys.transpose(1, 2).reshape(b, m, h * d)  # [batch, m, d_kv]
+        v = values.transpose(1, 2).reshape(b, m, h * d)
+        return k @ self.wa_k.to(k.dtype).T, v @ self.wa_v.to(v.dtype).T
+
+    def summary(self, ka: torch.Tensor, va: torch.Tensor) -> Summary:
+        """Softmax read of projected keys/values [..., m, r] by the global queries, kept as an online-softmax
+        summary (max, denominator, numerator) so reads of successive chunks merge exactly."""
+        q = self.queries().to(ka.dtype)
+        scores = q @ ka.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [..., n_g, m]
+        top = scores.amax(-1)  # [..., n_g]
+        w = (scores - top[..., None]).exp()
+        return Summary(top, w.sum(-1), w @ va)
+
+    def global_summary(self) -> Summary:
+        """The global tokens' own keys/values read by their queries: [n_g], [n_g], [n_g, r]."""
+        _, k, v = self.global_qkv()
+        return self.summary(k @ self.wa_k.T, v @ self.wa_v.T)
+
     def queries(self) -> torch.Tensor:
         """W^a_Q q_g: [n_g, r]."""
         return self.global_qkv()[0] @ self.wa_q.T
@@ -97,17 +153,9 @@ class ThoughtEncoder(nn.Module):
         return (q @ self.wa_q.T) @ (k @ self.wa_k.T).T @ (v @ self.wa_v.T)
 
     def evicted_state(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        """S' from evicted keys/values [batch, kv_heads, m, head_dim] -> [batch, n_g, r].
-
-        ``positions`` [batch, m] un-rotate the keys; ``None`` uses them as cached (post-RoPE)."""
-        if positions is not None:
-            cos, sin = self.rotary(values, positions)
-            keys = unrotate(keys, cos.to(keys.dtype), sin.to(keys.dtype))
-        b, h, m, d = keys.shape
-        k = keys.transpose(1, 2).reshape(b, m, h * d)  # [batch, m, d_kv]
-        v = values.transpose(1, 2).reshape(b, m, h * d)
-        ka, va = k @ self.wa_k.to(k.dtype).T, v @ self.wa_v.to(v.dtype).T  # [batch, m, r]
-        return self.queries().to(k.dtype) @ (ka.transpose(1, 2) @ va)  # [n_g, r] @ [batch, r, r]
+        """Eq. 4's S' (linear) from evicted keys/values [batch, kv_heads, m, head_dim] -> [batch, n_g, r]."""
+        ka, va = self.project(keys, values, positions)  # [batch, m, r]
+        return self.queries().to(ka.dtype) @ (ka.transpose(1, 2) @ va)  # [n_g, r] @ [batch, r, r]
 
     def normalize(self, r: torch.Tensor) -> torch.Tensor:
         """[batch, n_g, r] -> Frobenius norm sqrt(min(n_g, r)) (or the learnt scale) per sample."""
@@ -121,17 +169,21 @@ class ThoughtState(CacheListener):
 
     The timing rule follows from when the cache calls :meth:`on_evict`: inside ``begin_forward``, before the
     forward that feeds the next thought token. So that forward, in every adapted linear of every layer, uses the
-    state after all evictions made before it; the prompt forward uses ``Normalize(S_g)``; cached keys/values are
-    never recomputed. Tokens between two evictions form one segment under one state.
+    state after all evictions made before it; the prompt forward uses the global tokens' state; cached
+    keys/values are never recomputed. Tokens between two evictions form one segment under one state.
+
+    ``history[i]`` is what layer i carries between evictions: the evicted tokens' :class:`Summary` (softmax),
+    ``sum_k S'_k`` (linear, accumulate) or the latest state (linear, recursive); ``None`` before the first
+    eviction. The global tokens' part is recomputed from the parameters whenever the state is (see
+    :meth:`refresh`), so it always carries a graph.
     """
 
-    def __init__(self, encoders: nn.ModuleList, slots: list[StateSlot], batch: int, *, update: str = "accumulate",
-                 ablation: str = "none", key_rope: str = "unrotate"):
+    def __init__(self, encoders: nn.ModuleList, slots: list[StateSlot], batch: int, *, attention: str = "softmax",
+                 update: str = "accumulate", ablation: str = "none", key_rope: str = "unrotate"):
         self.encoders, self.slots = encoders, slots
-        self.update, self.ablation, self.key_rope = update, ablation, key_rope
+        self.attention, self.update, self.ablation, self.key_rope = attention, update, ablation, key_rope
         self.batch = batch
-        # accumulate: sum_k S'_k; recursive: the latest state. None until the first eviction.
-        self.history: list[torch.Tensor | None] = [None] * len(encoders)
+        self.history: list = [None] * len(encoders)
         self.refresh()
 
     def _initial(self, i: int) -> torch.Tensor:
@@ -139,40 +191,56 @@ class ThoughtState(CacheListener):
         s_g = torch.zeros_like(s_g) if self.ablation == "global0" else s_g
         return s_g.expand(self.batch, -1, -1)
 
+    def _state(self, i: int) -> torch.Tensor:
+        enc, hist = self.encoders[i], self.history[i]
+        if self.attention == "softmax":
+            if self.ablation == "global0":
+                if hist is None:
+                    return torch.zeros(self.batch, *enc.queries().shape, dtype=enc.h_g.dtype, device=enc.h_g.device)
+                return enc.normalize(hist.read())
+            glob = enc.global_summary().apply(lambda t: t.expand(self.batch, *t.shape))
+            return enc.normalize((glob if hist is None else glob.merge(hist)).read())
+        if self.update == "recursive" and hist is not None:
+            return hist
+        return enc.normalize(self._initial(i) if hist is None else self._initial(i) + hist)
+
     def refresh(self) -> None:
-        """Recompute every layer's state from S_g (a fresh graph) and the carried history."""
-        for i, (enc, slot) in enumerate(zip(self.encoders, self.slots)):
-            hist = self.history[i]
-            if self.update == "recursive" and hist is not None:
-                slot.state = hist
-            else:
-                slot.state = enc.normalize(self._initial(i) if hist is None else self._initial(i) + hist)
+        """Recompute every layer's state from the parameters (a fresh graph) and the carried history."""
+        for i, slot in enumerate(self.slots):
+            slot.state = self._state(i)
 
     def on_evict(self, event: EvictionEvent) -> None:
         if self.ablation == "global_only":
             return
         for i, (enc, slot) in enumerate(zip(self.encoders, self.slots)):
             pos = event.positions[i] if self.key_rope == "unrotate" else None
-            s_new = enc.evicted_state(event.keys[i], event.values[i], pos)
-            if self.update == "recursive":
-                slot.state = self.history[i] = enc.normalize(slot.state + s_new)
+            hist = self.history[i]
+            if self.attention == "softmax":
+                new = enc.summary(*enc.project(event.keys[i], event.values[i], pos))
+                self.history[i] = new if hist is None else hist.merge(new)
+            elif self.update == "recursive":
+                self.history[i] = enc.normalize(slot.state + enc.evicted_state(event.keys[i], event.values[i], pos))
             else:
-                self.history[i] = s_new if self.history[i] is None else self.history[i] + s_new
-                slot.state = enc.normalize(self._initial(i) + self.history[i])
+                s_new = enc.evicted_state(event.keys[i], event.values[i], pos)
+                self.history[i] = s_new if hist is None else hist + s_new
+            slot.state = self._state(i)
+
+    def _map_history(self, fn) -> None:
+        for i, hist in enumerate(self.history):
+            if hist is not None:
+                self.history[i] = hist.apply(fn) if isinstance(hist, Summary) else fn(hist)
 
     def on_select_rows(self, index: torch.Tensor) -> None:
         self.batch = int(index.numel())
-        for i, slot in enumerate(self.slots):
+        for slot in self.slots:
             slot.state = slot.state[index]
-            if self.history[i] is not None:
-                self.history[i] = self.history[i][index]
+        self._map_history(lambda t: t[index])
 
     def detach_(self) -> None:
         """Truncate the graph between replay segments: the carried history becomes a constant."""
-        for i, slot in enumerate(self.slots):
+        for slot in self.slots:
             slot.state = slot.state.detach()
-            if self.history[i] is not None:
-                self.history[i] = self.history[i].detach()
+        self._map_history(lambda t: t.detach())
 
     def close(self) -> None:
         for slot in self.slots:

@@ -5,10 +5,10 @@ import torch
 
 from helpers import cached_teacher_forced, masked_full_forward
 from pte.adapter import AdapterConfig, attach, export_peft, load
-from pte.cache import BoundedCache, CacheListener
+from pte.cache import BoundedCache, CacheListener, sliding_eviction_steps
 from pte.models import tiny_model
 from pte.replay import replay
-from pte.rollout import CacheSpec, Sampling, left_pad, rollout
+from pte.rollout import CacheSpec, RolloutRow, Sampling, left_pad, rollout
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]
 METHOD_CACHE = {"lora": None, "lora_c": 6, "pte": 6}
@@ -60,10 +60,12 @@ def test_zero_initialised_adapter_is_the_base_model(method):
     assert torch.equal(cached_teacher_forced(model, BoundedCache.for_model(model, window=5), PROMPTS, comp), base)
 
 
-@pytest.mark.parametrize("method,policy", [("lora", "sliding"), ("lora_c", "sliding"), ("pte", "sliding"),
-                                           ("pte", "keynorm")])
-def test_replay_logprobs_equal_rollout_sampling_logprobs(method, policy):
-    model, adapter = make(method, arch="llama")
+@pytest.mark.parametrize("method,policy,cfg", [
+    ("lora", "sliding", {}), ("lora_c", "sliding", {}), ("pte", "sliding", {}), ("pte", "keynorm", {}),
+    ("pte", "sliding", dict(state_attention="linear")), ("pte", "sliding", dict(ablation="global0")),
+])
+def test_replay_logprobs_equal_rollout_sampling_logprobs(method, policy, cfg):
+    model, adapter = make(method, arch="llama", **cfg)
     window = METHOD_CACHE[method]
     res = sampled(model, adapter, window, policy=policy)
     if window:
@@ -73,9 +75,11 @@ def test_replay_logprobs_equal_rollout_sampling_logprobs(method, policy):
         assert (rep.logprobs[i, :len(r.logprobs)] - torch.tensor(r.logprobs)).abs().max() <= 1e-4
 
 
-def test_state_timing_rule():
-    """The forward that feeds token c uses Normalize(S_g + sum of S' of evictions made before it)."""
-    model, adapter = make("pte")
+@pytest.mark.parametrize("attention", ["softmax", "linear"])
+def test_state_timing_rule(attention):
+    """The forward that feeds token c uses the state read from the global tokens and every eviction made before
+    it; the softmax state, merged online eviction by eviction, equals one softmax over all those tokens."""
+    model, adapter = make("pte", state_attention=attention)
     seen = []
     lin = adapter.linears["layers.1.mlp.up_proj"]
     hook = lin.register_forward_pre_hook(lambda m, a: seen.append(m.slot.state.clone()))
@@ -94,15 +98,29 @@ def test_state_timing_rule():
         cached_teacher_forced(model, BoundedCache.for_model(model, window=6, listeners=[rec, state]), PROMPTS, comp)
     hook.remove()
     enc = adapter.encoders[1]
+
+    def reference(events):  # [batch, n_g, r], computed in one pass
+        if attention == "linear":
+            acc = enc.initial_state().expand(3, -1, -1)
+            for ev in events:
+                acc = acc + enc.evicted_state(ev.keys[1], ev.values[1], ev.positions[1])
+            return enc.normalize(acc)
+        _, k_g, v_g = enc.global_qkv()
+        ka = [(k_g @ enc.wa_k.T).expand(3, -1, -1)]
+        va = [(v_g @ enc.wa_v.T).expand(3, -1, -1)]
+        for ev in events:
+            k, v = enc.project(ev.keys[1], ev.values[1], ev.positions[1])
+            ka.append(k)
+            va.append(v)
+        q = enc.queries()
+        weights = (q @ torch.cat(ka, 1).transpose(1, 2) / q.shape[-1] ** 0.5).softmax(-1)  # [batch, n_g, tokens]
+        return enc.normalize(weights @ torch.cat(va, 1))
+
     with torch.no_grad():
-        s_g = enc.initial_state().expand(3, -1, -1)
-        assert torch.allclose(seen[0], enc.normalize(s_g))  # the prompt forward
+        assert torch.allclose(seen[0], reference([]), atol=1e-6)  # the prompt forward
         for c in range(20):  # forward c + 1 feeds completion token c
-            acc = s_g.clone()
-            for ev in rec.events:
-                if ev.step <= c:
-                    acc = acc + enc.evicted_state(ev.keys[1], ev.values[1], ev.positions[1])
-            assert torch.allclose(seen[c + 1], enc.normalize(acc), atol=1e-6), c
+            expected = reference([ev for ev in rec.events if ev.step <= c])
+            assert torch.allclose(seen[c + 1], expected, atol=1e-6), c
         assert len(rec.events) >= 4
         assert (seen[-1] - seen[0]).abs().max() > 1e-3  # the state did move
 
@@ -159,9 +177,27 @@ def test_lora_c_untruncated_replay_equals_masked_full_backward():
     assert max((trunc[k] - ref[k]).abs().max() for k in ref) > 1e-4
 
 
-def test_pte_untruncated_replay_passes_finite_differences():
+@pytest.mark.parametrize("truncate", [True, False])
+def test_replay_trains_adapters_that_leave_keys_and_values_alone(truncate):
+    """Without adapters on k/v, layer 0's cached keys need no grad, but the queries' backward reads them: the cache
+    must not overwrite them in place (it did, and backward failed)."""
+    model, adapter = make("lora_c", arch="llama", targets=("q_proj", "o_proj"))
+    comp = list(range(3, 23))
+    rows = [RolloutRow(list(range(5, 12)), comp, [], 8, sliding_eviction_steps(len(comp) - 1, 8, 0.25), "eos")] * 2
+    spec = CacheSpec(window=8)
+    with torch.no_grad():
+        ref = replay(model, rows, spec, adapter=adapter)
+    zero_grads(adapter)
+    got = replay(model, rows, spec, adapter=adapter, loss_fn=lambda lp, sl: -lp.sum(), truncate=truncate)
+    assert got.segments > 3
+    assert torch.allclose(got.logprobs, ref.logprobs, atol=1e-6)
+    assert all(g.abs().max() > 0 and g.isfinite().all() for k, g in grads(adapter).items() if k.endswith("q_proj.B"))
+
+
+@pytest.mark.parametrize("attention", ["softmax", "linear"])
+def test_pte_untruncated_replay_passes_finite_differences(attention):
     """(iii) PTE, truncate=False, float64: d loss / d (h_g, W^a_Q, W^a_K, W^a_V) against central differences."""
-    model, adapter = make("pte", dtype=torch.float64)
+    model, adapter = make("pte", dtype=torch.float64, state_attention=attention)
     for p in adapter.parameters():
         p.data = p.data.double()
     for m in model.modules():  # transformers' RMSNorm computes in float32: keep float64 so differences are clean
@@ -201,6 +237,26 @@ def test_pte_untruncated_replay_passes_finite_differences():
     assert checked >= 16
 
 
+@torch.no_grad()
+def test_ablations_shape_the_state_as_documented():
+    """global_only: the state never moves (a static adapter); global0: zero until the first eviction, then moves."""
+    comp = torch.randint(3, 100, (3, 20), generator=torch.Generator().manual_seed(0)).tolist()
+    for ablation in ("global_only", "global0"):
+        model, adapter = make("pte", ablation=ablation)
+        seen = []
+        adapter.linears["layers.0.self_attn.q_proj"].register_forward_pre_hook(
+            lambda m, a: seen.append(m.slot.state.clone()))
+        cached_teacher_forced(model, BoundedCache.for_model(model, window=6, listeners=[adapter.new_state(3)]),
+                              PROMPTS, comp)
+        first_evicted = 1 + 6  # the prompt forward, then six thought tokens fill the window
+        if ablation == "global_only":
+            assert all(torch.equal(s, seen[0]) for s in seen)
+        else:
+            assert all(s.abs().max() == 0 for s in seen[:first_evicted])
+            assert seen[first_evicted].abs().max() > 0
+            assert not torch.equal(seen[-1], seen[first_evicted])
+
+
 def test_rows_never_share_state():
     model, adapter = make("pte")
     res = sampled(model, adapter, 6)
@@ -227,6 +283,8 @@ def test_truncated_replay_trains_the_encoder_in_every_segment():
 @pytest.mark.parametrize("cfg,message", [
     (dict(method="lora", rank=8, n_global=4), "n_global must equal rank"),
     (dict(method="pte", state_update="sum"), "state_update='sum'"),
+    (dict(method="pte", state_update="recursive"), "needs state_attention='linear'"),
+    (dict(method="pte", state_attention="mean"), "state_attention='mean'"),
     (dict(method="lora", ablation="global0"), "applies to method=pte only"),
     (dict(method="pte", targets=("qkv",)), r"target modules \['qkv'\] not found"),
 ])
