@@ -195,15 +195,14 @@ class Adapter:
                 p.copy_(tensors[k])
 
     # -- the state --------------------------------------------------------------------------------------------
-    def new_state(self, batch: int) -> ThoughtState | None:
+    def new_state(self, batch: int, exact_history: bool = False) -> ThoughtState | None:
         """A fresh per-sequence state for ``batch`` rows (``None`` for the stateless methods); subscribe it to the
-        cache so evictions update it."""
+        cache so evictions update it. ``exact_history``: see :mod:`pte.history` (replay only)."""
         if not self.config.stateful:
             return None
         c = self.config
         return ThoughtState(self.encoders, self.slots, batch, attention=c.state_attention, update=c.state_update,
-                            ablation=c.ablation,
-                            key_rope=c.key_rope)
+                            ablation=c.ablation, key_rope=c.key_rope, exact_history=exact_history)
 
     @contextlib.contextmanager
     def disabled(self):

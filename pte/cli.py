@@ -134,6 +134,7 @@ def _check_mechanism(args) -> int:
     from pte.mechanism import MechanismConfig, check_mechanism
 
     cfg = MechanismConfig(steps=args.steps, window=args.window, lr=args.lr, batch=args.batch, truncate=not args.no_truncate,
+                          state_grad=args.state_grad,
                           max_grad_norm=args.max_grad_norm,
                           eval_problems=args.problems, loss=args.loss, rank=args.rank, n_global=args.rank,
                           key_rope=args.key_rope, **({"base": args.model} if args.model else {}))
@@ -247,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--problems", type=_positive_int, default=mdef.eval_problems, help="held-out problems for the accuracy")
     m.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default "
                    f"{','.join(DEFAULT_VARIANTS)}; pte_linear is eq. 4's linear state)")
+    m.add_argument("--state-grad", default=mdef.state_grad, choices=["segment", "history"],
+                   help="PTE, truncated replay: the encoder's gradient stops at the segment (constant memory) or "
+                   "reaches every past eviction (keeps the evicted keys/values)")
     m.add_argument("--no-truncate", action="store_true", help="exact gradient through all segments (memory grows)")
     m.add_argument("--loss", default=mdef.loss, choices=LOSSES, help="NLL of the worked thought, of the answer digit "
                    "alone, or their sum (default)")

@@ -50,6 +50,7 @@ class MechanismConfig:
     batch: int = 128
     lr: float = 3e-3
     truncate: bool = True
+    state_grad: str = "segment"  # | "history": see pte.replay
     # thought: mean NLL over the worked thought (the answer is 1 of ~63 tokens) | answer: the answer digit only
     # (the rest of the thought drifts, so generation breaks) | thought+answer: the sum of the two
     loss: str = "thought+answer"
@@ -95,7 +96,7 @@ def train_variant(model, tok, task: LongRange, cfg: MechanismConfig, variant: st
                 return loss
 
             opt.zero_grad(set_to_none=True)
-            res = replay(model, rows, spec, adapter=adapter, loss_fn=nll, truncate=cfg.truncate,
+            res = replay(model, rows, spec, adapter=adapter, loss_fn=nll, truncate=cfg.truncate, state_grad=cfg.state_grad,
                          pad_token_id=tok.pad_token_id)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.max_grad_norm)

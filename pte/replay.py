@@ -30,6 +30,7 @@ from pte.rollout import CacheSpec, Decoder, RolloutRow, left_pad
 
 # loss_fn(logp [batch, n], targets: slice of completion indices) -> scalar to minimise
 LossFn = Callable[[torch.Tensor, slice], torch.Tensor]
+STATE_GRADS = ("segment", "history")
 
 
 @dataclass
@@ -74,12 +75,15 @@ def replay(
     temperature: float = 1.0,
     loss_fn: LossFn | None = None,
     truncate: bool = True,
+    state_grad: str = "segment",
     pad_token_id: int = 0,
 ) -> ReplayResult:
     """Recompute the completion log-probs ``log_softmax(logits / T)`` of ``rows``; with ``loss_fn``, accumulate
     its gradient into the trainable parameters (backward once per segment)."""
     if not rows:
         raise ValueError("no rollout rows to replay")
+    if state_grad not in STATE_GRADS:
+        raise ValueError(f"state_grad={state_grad!r}: choose one of {list(STATE_GRADS)}")
     windows = {r.window for r in rows}
     if windows != {cache_spec.window}:
         raise ValueError(f"rows were sampled with window(s) {sorted(windows, key=str)}, replay asked for "
@@ -106,7 +110,8 @@ def replay(
     input_ids, pmask = left_pad([r.prompt_ids for r in rows], pad_token_id, device)
     try:
         with torch.set_grad_enabled(grad):
-            state = adapter.new_state(batch) if adapter is not None else None
+            exact = truncate and state_grad == "history"
+            state = adapter.new_state(batch, exact_history=exact) if adapter is not None else None
             policy = _recorded_policy(rows, len(starts)) if any(r.evicted_indices for r in rows) else None
             cache = cache_spec.build(model, (state,) if state is not None else (), policy=policy)
             dec = Decoder(model, cache)

@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from pte.cache import CacheListener, EvictionEvent
+from pte.history import LinearHistory, SoftmaxHistory
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -117,16 +118,19 @@ class ThoughtEncoder(nn.Module):
             k = self.attn.k_norm(k.view(n, -1, self.head_dim)).reshape(n, -1)
         return q, k, v
 
-    def project(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None):
-        """Evicted keys/values [batch, kv_heads, m, head_dim] -> (W^a_K k, W^a_V v), each [batch, m, r].
+    def raw(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None):
+        """Evicted keys/values [batch, kv_heads, m, head_dim] -> [batch, m, d_kv] each, heads flattened.
 
         ``positions`` [batch, m] un-rotate the keys; ``None`` uses them as cached (post-RoPE)."""
         if positions is not None:
             cos, sin = self.rotary(values, positions)
             keys = unrotate(keys, cos.to(keys.dtype), sin.to(keys.dtype))
         b, h, m, d = keys.shape
-        k = keys.transpose(1, 2).reshape(b, m, h * d)  # [batch, m, d_kv]
-        v = values.transpose(1, 2).reshape(b, m, h * d)
+        return keys.transpose(1, 2).reshape(b, m, h * d), values.transpose(1, 2).reshape(b, m, h * d)
+
+    def project(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None):
+        """Evicted keys/values [batch, kv_heads, m, head_dim] -> (W^a_K k, W^a_V v), each [batch, m, r]."""
+        k, v = self.raw(keys, values, positions)
         return k @ self.wa_k.to(k.dtype).T, v @ self.wa_v.to(v.dtype).T
 
     def summary(self, ka: torch.Tensor, va: torch.Tensor) -> Summary:
@@ -175,13 +179,20 @@ class ThoughtState(CacheListener):
     ``history[i]`` is what layer i carries between evictions: the evicted tokens' :class:`Summary` (softmax),
     ``sum_k S'_k`` (linear, accumulate) or the latest state (linear, recursive); ``None`` before the first
     eviction. The global tokens' part is recomputed from the parameters whenever the state is (see
-    :meth:`refresh`), so it always carries a graph.
+    :meth:`refresh`), so it always carries a graph. With ``exact_history`` (replay, ``state_grad="history"``) the
+    history is kept as :mod:`pte.history`'s fixed-size statistics instead, whose read carries the exact gradient
+    through every past eviction.
     """
 
     def __init__(self, encoders: nn.ModuleList, slots: list[StateSlot], batch: int, *, attention: str = "softmax",
-                 update: str = "accumulate", ablation: str = "none", key_rope: str = "unrotate"):
+                 update: str = "accumulate", ablation: str = "none", key_rope: str = "unrotate",
+                 exact_history: bool = False):
+        if exact_history and attention == "linear" and update == "recursive":
+            raise ValueError("state_grad='history' needs state_update='accumulate' (a recursive renormalisation has no "
+                             "fixed-size gradient statistics); use state_grad='segment'")
         self.encoders, self.slots = encoders, slots
         self.attention, self.update, self.ablation, self.key_rope = attention, update, ablation, key_rope
+        self.exact = exact_history
         self.batch = batch
         self.history: list = [None] * len(encoders)
         self.refresh()
@@ -193,6 +204,8 @@ class ThoughtState(CacheListener):
 
     def _state(self, i: int) -> torch.Tensor:
         enc, hist = self.encoders[i], self.history[i]
+        if self.exact and hist is not None:
+            return self._exact_state(i)
         if self.attention == "softmax":
             if self.ablation == "global0":
                 if hist is None:
@@ -203,6 +216,20 @@ class ThoughtState(CacheListener):
         if self.update == "recursive" and hist is not None:
             return hist
         return enc.normalize(self._initial(i) if hist is None else self._initial(i) + hist)
+
+    def _exact_state(self, i: int) -> torch.Tensor:
+        """:meth:`_state` with the history attached to the parameters through :mod:`pte.history`."""
+        enc = self.encoders[i]
+        q = enc.queries()
+        if self.attention == "linear":
+            return enc.normalize(self._initial(i) + self.history[i].attach(q, enc.wa_k, enc.wa_v))
+        lse_h, read_h = self.history[i].attach(q, enc.wa_k, enc.wa_v)
+        if self.ablation == "global0":
+            return enc.normalize(read_h)
+        g = enc.global_summary()
+        lse_g, read_g = g.top + g.denom.log(), g.read()  # [n_g], [n_g, r]
+        share = torch.sigmoid(lse_g - lse_h)[..., None]  # the global tokens' share of the softmax mass
+        return enc.normalize(share * read_g + (1 - share) * read_h)
 
     def refresh(self) -> None:
         """Recompute every layer's state from the parameters (a fresh graph) and the carried history."""
@@ -215,7 +242,12 @@ class ThoughtState(CacheListener):
         for i, (enc, slot) in enumerate(zip(self.encoders, self.slots)):
             pos = event.positions[i] if self.key_rope == "unrotate" else None
             hist = self.history[i]
-            if self.attention == "softmax":
+            if self.exact:
+                kind = SoftmaxHistory if self.attention == "softmax" else LinearHistory
+                k, v = (t.to(enc.wa_k.dtype) for t in enc.raw(event.keys[i], event.values[i], pos))
+                new = kind.of(enc.queries().detach(), enc.wa_k.detach(), enc.wa_v.detach(), k, v)
+                self.history[i] = new if hist is None else hist.merge(new)
+            elif self.attention == "softmax":
                 new = enc.summary(*enc.project(event.keys[i], event.values[i], pos))
                 self.history[i] = new if hist is None else hist.merge(new)
             elif self.update == "recursive":
@@ -228,7 +260,7 @@ class ThoughtState(CacheListener):
     def _map_history(self, fn) -> None:
         for i, hist in enumerate(self.history):
             if hist is not None:
-                self.history[i] = hist.apply(fn) if isinstance(hist, Summary) else fn(hist)
+                self.history[i] = fn(hist) if isinstance(hist, torch.Tensor) else hist.apply(fn)
 
     def on_select_rows(self, index: torch.Tensor) -> None:
         self.batch = int(index.numel())

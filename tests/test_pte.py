@@ -237,6 +237,49 @@ def test_pte_untruncated_replay_passes_finite_differences(attention):
     assert checked >= 16
 
 
+@pytest.mark.parametrize("attention,ablation", [("softmax", "none"), ("softmax", "global0"), ("linear", "none")])
+def test_history_state_grad_equals_the_untruncated_gradient(attention, ablation):
+    """state_grad="history" (pte.history's fixed-size statistics) gives the encoder the exact gradient through every
+    past eviction. Reference: the untruncated graph, in a set-up where no cached key/value depends on a parameter
+    (only the last layer's post-attention linears have A != 0), so the two must agree; the segment-truncated
+    gradient must not."""
+    model, adapter = make("pte", arch="llama", state_attention=attention, ablation=ablation)
+    last = f"layers.{model.config.num_hidden_layers - 1}."
+    post = [k for k in adapter.linears if k.startswith(last) and k.rsplit(".", 1)[-1] in ("o_proj", "gate_proj",
+                                                                                          "up_proj", "down_proj")]
+    with torch.no_grad():
+        for name, lin in adapter.linears.items():
+            if name not in post:
+                lin.A.zero_()
+    window, T = 4, 22
+    res = sampled(model, adapter, window, T=T)
+    assert len(res.rows[0].eviction_steps) >= 6
+    w = torch.randn(3, T, generator=torch.Generator().manual_seed(2))
+    spec = CacheSpec(window=window)
+    got = {}
+    for mode in ("untruncated", "history", "segment"):
+        zero_grads(adapter)
+        rep = replay(model, res.rows, spec, adapter=adapter, temperature=0.9, loss_fn=weights_loss(w),
+                     truncate=mode != "untruncated", state_grad="history" if mode == "history" else "segment")
+        for i, r in enumerate(res.rows):  # the statistics do not change the forward
+            assert (rep.logprobs[i, :len(r.logprobs)] - torch.tensor(r.logprobs)).abs().max() <= 1e-4
+        got[mode] = grads(adapter)
+    enc = [k for k in got["untruncated"] if k.startswith(f"encoders.{model.config.num_hidden_layers - 1}.")]
+    assert len(enc) == 4 and all(got["untruncated"][k].abs().max() > 1e-4 for k in enc)
+    # every encoder (those of layers 0..L-2 feed only A = 0 linears: zero in both) and the last layer's linears;
+    # earlier linears' A still get gradient through the keys/values they would change, which truncation cuts
+    compared = [k for k in got["untruncated"] if k.startswith(("encoders.", *post))]
+    for k in compared:
+        assert torch.allclose(got["history"][k], got["untruncated"][k], atol=1e-5, rtol=1e-4), k
+    assert max((got["segment"][k] - got["untruncated"][k]).abs().max() for k in enc) > 1e-3
+
+
+def test_history_state_grad_rejects_the_recursive_update():
+    _, adapter = make("pte", state_attention="linear", state_update="recursive")
+    with pytest.raises(ValueError, match="needs state_update='accumulate'"):
+        adapter.new_state(2, exact_history=True)
+
+
 @torch.no_grad()
 def test_ablations_shape_the_state_as_documented():
     """global_only: the state never moves (a static adapter); global0: zero until the first eviction, then moves."""
