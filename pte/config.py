@@ -58,6 +58,10 @@ class GRPOConfig:
     beta: float = 0.0  # the paper gives no value; TRL's default is 0
     kl_reference: str = "full"  # full: the base model over the full context (eq. 3); bounded: under the same cache
     adv_eps: float = 1e-6
+    # PTE's replay: "history" gives the thought encoder the exact gradient through every past eviction from fixed-size
+    # statistics (pte.history; constant memory); "segment" stops it at the segment (the encoder then learns only from
+    # the newest eviction, and on the long-range task PTE does not learn at all)
+    state_grad: str = "history"
 
 
 @dataclass
@@ -109,6 +113,11 @@ class TrainConfig:
             (self.grpo.clip_high >= 0, "grpo.clip_high", "must be >= 0"),
             (self.grpo.beta >= 0, "grpo.beta", "must be >= 0"),
             (self.grpo.kl_reference in ("full", "bounded"), "grpo.kl_reference", "choose full or bounded"),
+            (self.grpo.state_grad in ("history", "segment"), "grpo.state_grad", "choose history or segment"),
+            (not (self.grpo.state_grad == "history" and self.adapter.state_attention == "linear"
+                  and self.adapter.state_update == "recursive"), "grpo.state_grad",
+             "history needs adapter.state_update: accumulate (the recursive update has no fixed-size gradient "
+             "statistics); set grpo.state_grad: segment"),
             (self.optim.lr > 0, "optim.lr", "must be > 0"),
             (self.optim.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0"),
             (self.sampling.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1"),

@@ -50,7 +50,7 @@ class MechanismConfig:
     batch: int = 128
     lr: float = 3e-3
     truncate: bool = True
-    state_grad: str = "segment"  # | "history": see pte.replay
+    state_grad: str = "history"  # | "segment": see pte.history
     # thought: mean NLL over the worked thought (the answer is 1 of ~63 tokens) | answer: the answer digit only
     # (the rest of the thought drifts, so generation breaks) | thought+answer: the sum of the two
     loss: str = "thought+answer"

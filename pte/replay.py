@@ -11,9 +11,16 @@ whose feeding forward is preceded by an eviction):
     segment k: tokens fed from eviction k up to eviction k + 1
 
 Truncation (``truncate=True``, the default): after each segment's backward, the cached keys/values (the prompt's
-included: they keep their graph only within segment 0) and the carried state history are detached. The next
-segment's eviction recomputes ``S'_k`` from those (detached) evicted keys/values inside its own graph, and
-``S_g`` is recomputed from ``h_g`` there too, so ``W^a_*`` and ``h_g`` get gradient in every segment.
+included: they keep their graph only within segment 0) are detached. What the thought state carries between
+segments is set by ``state_grad``:
+
+- ``"history"`` (the default): the state keeps fixed-size statistics of every evicted token (:mod:`pte.history`)
+  whose read gives the thought encoder (``h_g``, ``W^a_*``) the *exact* gradient through every past eviction, in
+  constant memory. A token evicted long before it is needed can so teach the encoder to keep it.
+- ``"segment"``: the carried history is detached; the next segment's eviction recomputes ``S'_k`` from the
+  (detached) evicted keys/values inside its own graph and ``S_g`` is recomputed from ``h_g``, so the encoder learns
+  only from the newest eviction. On the long-range task PTE does not learn this way (README, "The mechanism check").
+
 ``truncate=False`` keeps the whole graph and calls backward once (memory grows with length): the exact gradient of
 the bounded-cache policy, the reference for tests. Dropout is off (the model is put in eval mode).
 """
@@ -75,7 +82,7 @@ def replay(
     temperature: float = 1.0,
     loss_fn: LossFn | None = None,
     truncate: bool = True,
-    state_grad: str = "segment",
+    state_grad: str = "history",
     pad_token_id: int = 0,
 ) -> ReplayResult:
     """Recompute the completion log-probs ``log_softmax(logits / T)`` of ``rows``; with ``loss_fn``, accumulate

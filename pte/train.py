@@ -322,7 +322,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                 for it in range(cfg.grpo.num_iterations):
                     optimizer.zero_grad(set_to_none=True)
                     rep = replay(model, res.rows, spec, adapter=adapter, temperature=cfg.sampling.temperature,
-                                 loss_fn=loss_fn, pad_token_id=pad)
+                                 loss_fn=loss_fn, state_grad=cfg.grpo.state_grad, pad_token_id=pad)
                     if it == 0:
                         mismatch = float(((rep.logprobs - old).abs() * mask).max())
                         loss_value, segments = rep.loss, rep.segments
