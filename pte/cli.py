@@ -125,7 +125,8 @@ def _train(args) -> int:
 def _pretrain_task(args) -> int:
     from pte.pretrain import PretrainConfig, pretrain
 
-    cfg = PretrainConfig(out=args.out, steps=args.steps, seed=args.seed, batch=args.batch)
+    cfg = PretrainConfig(out=args.out, steps=args.steps, seed=args.seed, batch=args.batch, lr=args.lr,
+                         window_fraction=args.window_fraction, window=args.window, init=args.init)
     print(pretrain(cfg, log=lambda m: print(f"[pte] {m}", file=sys.stderr)))
     return 0
 
@@ -231,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=400)
     p.add_argument("--batch", type=_positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak of the one-cycle schedule")
+    p.add_argument("--window-fraction", type=float, default=0.0, help="share of each batch trained under the sliding "
+                   "window (calibrates the model where the answer is out of reach)")
+    p.add_argument("--window", type=_positive_int, default=8, help="the window of those rows (thought tokens)")
+    p.add_argument("--init", help="continue from this base model directory (default: a random init)")
     p.set_defaults(func=_pretrain_task)
 
     m = sub.add_parser("check-mechanism", help="teacher-forced LoRA_c vs PTE vs PTE without its evicted state, "

@@ -46,7 +46,7 @@ class MechanismConfig:
     evict_fraction: float = 0.25
     rank: int = 8
     n_global: int = 8
-    steps: int = 200
+    steps: int = 120
     batch: int = 128
     lr: float = 3e-3
     truncate: bool = True

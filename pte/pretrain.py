@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pte.cache import n_evict_for, sliding_eviction_steps
 from pte.models import tiny_model
 from pte.tasks.long_range import LongRange, tokenizer
 
@@ -43,6 +44,13 @@ class PretrainConfig:
     init_std: float = 0.1
     seed: int = 0
     eval_problems: int = 500  # held-out, greedy, full cache
+    # calibration: this share of each batch is trained under the sliding window (the bounded cache's exact mask),
+    # where the answer is out of reach, so the model learns to spread its probability there instead of guessing
+    # one digit with confidence (a confident guess gives GRPO no spread within a group, so nothing to learn from)
+    window_fraction: float = 0.0
+    window: int = 8
+    evict_fraction: float = 0.25
+    init: str | None = None  # continue from this base model directory instead of a random init
 
 
 def encode(tok, task: LongRange, examples) -> tuple[torch.Tensor, int]:
@@ -54,19 +62,47 @@ def encode(tok, task: LongRange, examples) -> tuple[torch.Tensor, int]:
     return torch.tensor(rows), len(prompts[0])
 
 
+def window_visibility(prompt_len: int, n_fed: int, window: int, evict_fraction: float) -> torch.Tensor:
+    """[n, n] bool, n = prompt_len + n_fed: what each position of one teacher-forced forward sees under the bounded
+    cache (the whole prompt, and the thought tokens a sliding window of ``window`` still holds), so a parallel
+    forward with this mask equals decoding through :class:`pte.cache.BoundedCache`."""
+    n = prompt_len + n_fed
+    visible = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    steps, m = sliding_eviction_steps(n_fed, window, evict_fraction), n_evict_for(window, evict_fraction)
+    for c in range(n_fed):  # position prompt_len + c feeds completion token c
+        evicted = m * sum(1 for s in steps if s <= c)
+        visible[prompt_len + c, prompt_len:prompt_len + evicted] = False
+    return visible
+
+
 def pretrain(cfg: PretrainConfig, log=print) -> Path:
+    if not 0 <= cfg.window_fraction <= 1:
+        raise ValueError(f"window_fraction={cfg.window_fraction}: must lie in [0, 1]")
     torch.manual_seed(cfg.seed)
     tok = tokenizer()
     task = LongRange(hops=cfg.hops, filler=cfg.filler)
-    model = tiny_model("llama", vocab_size=len(tok), hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
-                       kv_heads=cfg.heads, seed=cfg.seed, max_positions=1024, init_std=cfg.init_std).train()
+    if cfg.init:
+        from pte.models import load
+
+        model = load(cfg.init, dtype="float32")[0].train()
+    else:
+        model = tiny_model("llama", vocab_size=len(tok), hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
+                           kv_heads=cfg.heads, seed=cfg.seed, max_positions=1024, init_std=cfg.init_std).train()
+    n_windowed = round(cfg.batch * cfg.window_fraction)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     start = time.perf_counter()
     for step in range(cfg.steps):
         # training problems: seeds 1..steps (+ the run seed); evaluation uses a seed no step reaches
         ids, q = encode(tok, task, task.examples(cfg.batch, seed=1 + step + cfg.seed * 1_000_003))
-        logits = model(input_ids=ids[:, :-1]).logits[:, q - 1:]  # predictions of the thought + EOS
+        inputs = ids[:, :-1]
+        if n_windowed:
+            mask = window_visibility(q, inputs.shape[1] - q, cfg.window, cfg.evict_fraction)
+            windowed = model(input_ids=inputs[:n_windowed], attention_mask=mask.expand(n_windowed, 1, -1, -1)).logits
+            full = model(input_ids=inputs[n_windowed:]).logits if n_windowed < cfg.batch else windowed[:0]
+            logits = torch.cat([windowed, full])[:, q - 1:]  # predictions of the thought + EOS
+        else:
+            logits = model(input_ids=inputs).logits[:, q - 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, q:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -74,15 +110,17 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
         opt.step()
         sched.step()
         if step % 25 == 0 or step == cfg.steps - 1:
-            answer_acc = (logits[:, -2].argmax(-1) == ids[:, -2]).float().mean().item()
-            log(f"step {step + 1}/{cfg.steps}  loss {loss.item():.4f}  teacher-forced answer acc {answer_acc:.2f}  "
+            answer_acc = (logits[n_windowed:, -2].argmax(-1) == ids[n_windowed:, -2]).float().mean().item()
+            log(f"step {step + 1}/{cfg.steps}  loss {loss.item():.4f}  teacher-forced answer acc (full cache) {answer_acc:.2f}  "
                 f"({time.perf_counter() - start:.0f}s)")
     seconds = time.perf_counter() - start
     model.eval()
     acc = task_accuracy(model, tok, task, cfg.eval_problems, seed=EVAL_SEED, window=None)
     log(f"held-out greedy accuracy, full cache: {acc:.3f} ({cfg.eval_problems} problems)")
     recipe = {"config": asdict(cfg), "train_seconds": round(seconds, 1), "full_cache_accuracy": acc,
-              "command": f"pte pretrain-task --out {cfg.out} --steps {cfg.steps} --seed {cfg.seed}",
+              "command": f"pte pretrain-task --out {cfg.out} --steps {cfg.steps} --seed {cfg.seed}"
+                         + (f" --window-fraction {cfg.window_fraction} --window {cfg.window}" if n_windowed else "")
+                         + (f" --init {cfg.init}" if cfg.init else ""),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     return save(model, tok, recipe, Path(cfg.out))
 

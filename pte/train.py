@@ -318,12 +318,20 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                 return loss
 
             mismatch, loss_value = 0.0, 0.0
+            # every group all-equal and no KL: the loss is exactly 0 with a zero gradient, so skip the replay (the
+            # optimizer still steps on zero gradients, as it would after computing them)
+            no_signal = cfg.grpo.beta == 0 and not adv.any()
             with LiveTensorBytes() as replay_mem:
                 for it in range(cfg.grpo.num_iterations):
                     optimizer.zero_grad(set_to_none=True)
-                    rep = replay(model, res.rows, spec, adapter=adapter, temperature=cfg.sampling.temperature,
-                                 loss_fn=loss_fn, state_grad=cfg.grpo.state_grad, pad_token_id=pad)
-                    if it == 0:
+                    if no_signal:
+                        for p_ in adapter.parameters():
+                            p_.grad = torch.zeros_like(p_)
+                        mismatch, segments = None, 0  # nothing replayed
+                    else:
+                        rep = replay(model, res.rows, spec, adapter=adapter, temperature=cfg.sampling.temperature,
+                                     loss_fn=loss_fn, state_grad=cfg.grpo.state_grad, pad_token_id=pad)
+                    if it == 0 and not no_signal:
                         mismatch = float(((rep.logprobs - old).abs() * mask).max())
                         loss_value, segments = rep.loss, rep.segments
                     dist.sum_grads(adapter.parameters())

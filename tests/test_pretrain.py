@@ -9,7 +9,7 @@ import torch
 from pte.cache import BoundedCache
 from pte.mechanism import worked_rows
 from pte.models import load
-from pte.pretrain import SHIPPED_BASE, PretrainConfig, pretrain, task_accuracy
+from pte.pretrain import SHIPPED_BASE, PretrainConfig, pretrain, task_accuracy, window_visibility
 from pte.replay import replay
 from pte.rollout import CacheSpec, Decoder, left_pad
 from pte.tasks.long_range import LongRange
@@ -53,3 +53,26 @@ def test_worked_rows_replay_equals_feeding_the_solution_through_the_bounded_cach
     want = logits.log_softmax(-1).gather(-1, comp[..., None])[..., 0]
     assert torch.allclose(got, want, atol=1e-4)
     assert rows[0].eviction_steps[0] == 8 and len(rows[0].eviction_steps) == len(range(8, comp.shape[1] - 1, 2))
+
+
+@torch.no_grad()
+def test_window_visibility_mask_equals_decoding_through_the_bounded_cache():
+    """The calibration rows of pre-training see exactly what the bounded cache would keep: one masked forward gives
+    the logits of decoding token by token with evictions."""
+    model, tok = load(str(SHIPPED_BASE), dtype="float32")
+    task = LongRange(filler=40)
+    ex = task.examples(3, seed=5)
+    prompts = [tok(e.prompt)["input_ids"] for e in ex]
+    comps = [tok(task.solution(e))["input_ids"] for e in ex]
+    P, T = len(prompts[0]), len(comps[0])
+    ids = torch.tensor([p + c for p, c in zip(prompts, comps)])
+    mask = window_visibility(P, T, window=8, evict_fraction=0.25)
+    parallel = model(input_ids=ids, attention_mask=mask.expand(3, 1, -1, -1)).logits[:, P - 1:]
+    cache = BoundedCache.for_model(model, window=8)
+    dec = Decoder(model, cache)
+    ids_p, pmask = left_pad(prompts, tok.pad_token_id)
+    seq = [dec.prefill(ids_p, pmask)[:, -1:]] + [dec.step(ids[:, P + c:P + c + 1]) for c in range(T)]
+    assert cache.evictions > 10
+    assert (torch.cat(seq, 1) - parallel).abs().max() < 1e-4
+    full = model(input_ids=ids).logits[:, P - 1:]
+    assert (full - parallel).abs().max() > 1e-2  # the mask did hide something

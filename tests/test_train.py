@@ -255,3 +255,24 @@ def test_reasoning_gym_source_is_seeded_and_scored_by_its_generator():
         make_task("nope")
     with pytest.raises(ValueError, match="task_options for copy_digit"):
         make_task("copy_digit", bogus=1)
+
+
+def test_a_batch_without_signal_skips_the_replay_and_leaves_the_adapter_unchanged(tmp_path):
+    """4 new tokens never reach `ans`: every reward is 0, every advantage 0, so no replay runs (logged as no
+    mismatch) and Adam, stepping on zero gradients, leaves A at its zero init."""
+    from pte.adapter import load as load_adapter
+    from pte.models import load as load_model
+    from pte.pretrain import SHIPPED_BASE
+    from pte.train import latest_checkpoint
+
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"model.name={SHIPPED_BASE}", "data.task=long_range", "sampling.max_new_tokens=4",
+                             "cache.window=8", "run.steps=2", "run.save_every=2", "grpo.group_size=2",
+                             "grpo.prompts_per_step=2", "adapter.rank=4", "adapter.n_global=4", f"run.out_dir={out}"])
+    train(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward"] for r in rows] == [0.0, 0.0]
+    assert all(r["logprob_mismatch"] is None and r["grad_norm"] == 0.0 for r in rows)
+    model, _ = load_model(str(SHIPPED_BASE))
+    adapter = load_adapter(model, latest_checkpoint(out))
+    assert all(lin.A.abs().max() == 0 for lin in adapter.linears.values())
