@@ -77,11 +77,18 @@ def base_model_dir(log) -> Path:
 
     if (SHIPPED_BASE / "model.safetensors").exists():
         return SHIPPED_BASE
-    out = Path("outputs/long_range_base")
+    full, out = Path("outputs/long_range_full"), Path("outputs/long_range_base")
     if not (out / "model.safetensors").exists():
-        log(f"the shipped base model is missing; building it with `pte pretrain-task --out {out}` (~10 min)")
-        pretrain(PretrainConfig(out=str(out)), log=log)
+        log(f"the shipped base model is missing; building it as pte does (~10 min): `pte pretrain-task --out {full}`, "
+            f"then `{CALIBRATION.format(init=full, out=out)}`")
+        if not (full / "model.safetensors").exists():
+            pretrain(PretrainConfig(out=str(full)), log=log)
+        pretrain(PretrainConfig(out=str(out), init=str(full), steps=60, lr=1e-3, window_fraction=0.5, window=8), log=log)
     return out
+
+
+# the second stage of the shipped base model (its recipe.json records both)
+CALIBRATION = "pte pretrain-task --init {init} --steps 60 --lr 0.001 --window-fraction 0.5 --window 8 --out {out}"
 
 
 def train_method(base: Path, method: str, window: int | None, cfg: DemoConfig, out: Path, max_new: int) -> dict:

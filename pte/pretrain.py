@@ -117,11 +117,19 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
     model.eval()
     acc = task_accuracy(model, tok, task, cfg.eval_problems, seed=EVAL_SEED, window=None)
     log(f"held-out greedy accuracy, full cache: {acc:.3f} ({cfg.eval_problems} problems)")
+    window_acc = task_accuracy(model, tok, task, cfg.eval_problems, seed=EVAL_SEED, window=cfg.window) if n_windowed \
+        else None
+    if window_acc is not None:
+        log(f"held-out greedy accuracy, window {cfg.window}: {window_acc:.3f}")
     recipe = {"config": asdict(cfg), "train_seconds": round(seconds, 1), "full_cache_accuracy": acc,
+              "window_accuracy": window_acc,
               "command": f"pte pretrain-task --out {cfg.out} --steps {cfg.steps} --seed {cfg.seed}"
+                         + (f" --lr {cfg.lr}" if cfg.lr != PretrainConfig.lr else "")
                          + (f" --window-fraction {cfg.window_fraction} --window {cfg.window}" if n_windowed else "")
                          + (f" --init {cfg.init}" if cfg.init else ""),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if cfg.init and (Path(cfg.init) / "recipe.json").exists():
+        recipe["init_recipe"] = json.loads((Path(cfg.init) / "recipe.json").read_text())  # how the start was made
     return save(model, tok, recipe, Path(cfg.out))
 
 

@@ -307,7 +307,12 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
             with LiveTensorBytes() as ref_mem:
                 if cfg.grpo.beta > 0:
                     ref = reference_logprobs(model, adapter, res.rows, cfg, spec)
-            tb = TokenBatch(advantages=adv, old_logp=old, mask=mask, ref_logp=ref, normalizer=float(dist.sum(mask.sum().double())))
+            # a row of an all-equal group has advantage 0: without KL its loss and gradient are exactly 0, so the
+            # replay skips it (the normaliser still counts every token of the batch, so the loss is unchanged)
+            keep = torch.arange(len(res.rows)) if cfg.grpo.beta > 0 else adv.view(-1).nonzero().view(-1)
+            tb = TokenBatch(advantages=adv[keep], old_logp=old[keep], mask=mask[keep],
+                            ref_logp=None if ref is None else ref[keep], normalizer=float(dist.sum(mask.sum().double())))
+            kept_rows = [res.rows[i] for i in keep.tolist()]
             stats = {"clipped_tokens": 0.0, "tokens": 0.0, "kl_sum": 0.0}
 
             def loss_fn(logp, cols):
@@ -318,9 +323,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                 return loss
 
             mismatch, loss_value = 0.0, 0.0
-            # every group all-equal and no KL: the loss is exactly 0 with a zero gradient, so skip the replay (the
-            # optimizer still steps on zero gradients, as it would after computing them)
-            no_signal = cfg.grpo.beta == 0 and not adv.any()
+            no_signal = not kept_rows  # then the optimizer steps on zero gradients, as it would after computing them
             with LiveTensorBytes() as replay_mem:
                 for it in range(cfg.grpo.num_iterations):
                     optimizer.zero_grad(set_to_none=True)
@@ -329,10 +332,11 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                             p_.grad = torch.zeros_like(p_)
                         mismatch, segments = None, 0  # nothing replayed
                     else:
-                        rep = replay(model, res.rows, spec, adapter=adapter, temperature=cfg.sampling.temperature,
+                        rep = replay(model, kept_rows, spec, adapter=adapter, temperature=cfg.sampling.temperature,
                                      loss_fn=loss_fn, state_grad=cfg.grpo.state_grad, pad_token_id=pad)
                     if it == 0 and not no_signal:
-                        mismatch = float(((rep.logprobs - old).abs() * mask).max())
+                        width = rep.logprobs.shape[1]
+                        mismatch = float(((rep.logprobs - tb.old_logp[:, :width]).abs() * tb.mask[:, :width]).max())
                         loss_value, segments = rep.loss, rep.segments
                     dist.sum_grads(adapter.parameters())
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.optim.max_grad_norm))
@@ -345,6 +349,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                 "kl": stats["kl_sum"] / max(stats["tokens"], 1.0) if cfg.grpo.beta > 0 else 0.0,
                 "logprob_mismatch": mismatch, "response_length": float(mask.sum(1).float().mean()),
                 "evictions_per_sample": float(np.mean([len(r.eviction_steps) for r in res.rows])),
+                "replayed_rows": len(kept_rows),
                 "window": window, "rollout_tokens_per_s": res.tokens_per_s, "seconds": seconds,
                 "peak_bytes_rollout": rollout_mem.peak, "peak_bytes_reference": ref_mem.peak,
                 "peak_bytes_replay": replay_mem.peak, **rewarder.failures(),

@@ -378,3 +378,24 @@ def test_exported_static_adapter_loads_in_peft_with_same_logits(tmp_path, method
     assert (ours - theirs).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="input-dependent state"):
         export_peft(make("pte")[1], tmp_path / "x")
+
+
+def test_rows_with_zero_weight_can_be_left_out_of_the_replay():
+    """What GRPO relies on to skip rows of all-equal groups: rows do not interact, so the gradient of a loss that
+    gives some rows zero weight equals the gradient of the replay of the other rows alone."""
+    model, adapter = make("pte", arch="llama")
+    res = sampled(model, adapter, 6)
+    w = torch.randn(3, 26, generator=torch.Generator().manual_seed(3))
+    w[1] = 0.0
+    spec = CacheSpec(window=6)
+    zero_grads(adapter)
+    replay(model, res.rows, spec, adapter=adapter, temperature=0.9, loss_fn=weights_loss(w))
+    everything = grads(adapter)
+    zero_grads(adapter)
+    kept = w[[0, 2]]
+    replay(model, [res.rows[0], res.rows[2]], spec, adapter=adapter, temperature=0.9,
+           loss_fn=lambda lp, sl: -(kept[:, sl] * lp).sum())
+    subset = grads(adapter)
+    assert max(everything[k].abs().max() for k in everything) > 1e-3
+    for k in everything:
+        assert torch.allclose(subset[k], everything[k], atol=1e-4, rtol=1e-5), k  # float32 sums of ~10
