@@ -55,11 +55,11 @@ class DemoConfig:
     window: int = 8  # the default window: filler 40 > 4 layers x 8
     eval_windows: tuple = (None, 16, 8, 4)
     evict_fraction: float = 0.25
-    steps: int = 40
-    prompts_per_step: int = 4
+    steps: int = 160
+    prompts_per_step: int = 16
     group_size: int = 8
     rank: int = 8
-    lr: float = 2e-3  # 1e-2 destabilised LoRA, which starts at 100% with a full cache
+    lr: float = 3e-3  # 1e-2 made PTE's reward collapse to 0 within 20 steps; 3e-3 is the mechanism check's
     eval_problems: int = 200
     seed: int = 0
 
