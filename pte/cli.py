@@ -243,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "under the same bounded cache (the diagnostic before RL)")
     m.add_argument("--model", help="base model directory (default: the shipped long-range base)")
     from pte.mechanism import DEFAULT_VARIANTS, LOSSES, VARIANTS, MechanismConfig
+    from pte.replay import STATE_GRADS
 
     mdef = MechanismConfig()
     m.add_argument("--window", type=_positive_int, default=mdef.window)
@@ -254,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--problems", type=_positive_int, default=mdef.eval_problems, help="held-out problems for the accuracy")
     m.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default "
                    f"{','.join(DEFAULT_VARIANTS)}; pte_linear is eq. 4's linear state)")
-    m.add_argument("--state-grad", default=mdef.state_grad, choices=["segment", "history"],
-                   help="PTE, truncated replay: the encoder's gradient stops at the segment (constant memory) or "
-                   "reaches every past eviction (keeps the evicted keys/values)")
+    m.add_argument("--state-grad", default=mdef.state_grad, choices=STATE_GRADS,
+                   help="PTE, truncated replay: the encoder's gradient reaches every past eviction (history: fixed-size "
+                   "statistics, pte/history.py) or stops at the segment")
     m.add_argument("--no-truncate", action="store_true", help="exact gradient through all segments (memory grows)")
     m.add_argument("--loss", default=mdef.loss, choices=LOSSES, help="NLL of the worked thought, of the answer digit "
                    "alone, or their sum (default)")

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from pte.adapter import AdapterConfig
+from pte.replay import STATE_GRADS
 
 
 @dataclass
@@ -113,7 +114,7 @@ class TrainConfig:
             (self.grpo.clip_high >= 0, "grpo.clip_high", "must be >= 0"),
             (self.grpo.beta >= 0, "grpo.beta", "must be >= 0"),
             (self.grpo.kl_reference in ("full", "bounded"), "grpo.kl_reference", "choose full or bounded"),
-            (self.grpo.state_grad in ("history", "segment"), "grpo.state_grad", "choose history or segment"),
+            (self.grpo.state_grad in STATE_GRADS, "grpo.state_grad", f"choose one of {list(STATE_GRADS)}"),
             (not (self.grpo.state_grad == "history" and self.adapter.state_attention == "linear"
                   and self.adapter.state_update == "recursive"), "grpo.state_grad",
              "history needs adapter.state_update: accumulate (the recursive update has no fixed-size gradient "

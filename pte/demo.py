@@ -59,7 +59,7 @@ class DemoConfig:
     prompts_per_step: int = 16
     group_size: int = 8
     rank: int = 8
-    lr: float = 3e-3  # 1e-2 made PTE's reward collapse to 0 within 20 steps; 3e-3 is the mechanism check's
+    lr: float = 3e-3  # 1e-2 made PTE's reward collapse within 20 steps (a throwaway sweep, README)
     eval_problems: int = 200
     seed: int = 0
 
@@ -79,16 +79,16 @@ def base_model_dir(log) -> Path:
         return SHIPPED_BASE
     full, out = Path("outputs/long_range_full"), Path("outputs/long_range_base")
     if not (out / "model.safetensors").exists():
-        log(f"the shipped base model is missing; building it as pte does (~10 min): `pte pretrain-task --out {full}`, "
-            f"then `{CALIBRATION.format(init=full, out=out)}`")
+        log(f"the shipped base model is missing; building it as pte does (~11 min): {full}, then its calibration "
+            f"{CALIBRATION} into {out} (both commands end up in {out}/recipe.json)")
         if not (full / "model.safetensors").exists():
             pretrain(PretrainConfig(out=str(full)), log=log)
-        pretrain(PretrainConfig(out=str(out), init=str(full), steps=60, lr=1e-3, window_fraction=0.5, window=8), log=log)
+        pretrain(PretrainConfig(out=str(out), init=str(full), **CALIBRATION), log=log)
     return out
 
 
-# the second stage of the shipped base model (its recipe.json records both)
-CALIBRATION = "pte pretrain-task --init {init} --steps 60 --lr 0.001 --window-fraction 0.5 --window 8 --out {out}"
+# the second stage of the shipped base model (pte/assets/long_range_base/recipe.json records both)
+CALIBRATION = dict(steps=60, lr=1e-3, window_fraction=0.5, window=8)
 
 
 def train_method(base: Path, method: str, window: int | None, cfg: DemoConfig, out: Path, max_new: int) -> dict:

@@ -322,22 +322,20 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                     stats[k] += v
                 return loss
 
-            mismatch, loss_value = 0.0, 0.0
-            no_signal = not kept_rows  # then the optimizer steps on zero gradients, as it would after computing them
+            mismatch, loss_value, segments = None, 0.0, 0  # stay so when nothing is replayed
             with LiveTensorBytes() as replay_mem:
                 for it in range(cfg.grpo.num_iterations):
                     optimizer.zero_grad(set_to_none=True)
-                    if no_signal:
+                    if not kept_rows:  # the optimizer steps on zero gradients, as it would after computing them
                         for p_ in adapter.parameters():
                             p_.grad = torch.zeros_like(p_)
-                        mismatch, segments = None, 0  # nothing replayed
                     else:
                         rep = replay(model, kept_rows, spec, adapter=adapter, temperature=cfg.sampling.temperature,
                                      loss_fn=loss_fn, state_grad=cfg.grpo.state_grad, pad_token_id=pad)
-                    if it == 0 and not no_signal:
-                        width = rep.logprobs.shape[1]
-                        mismatch = float(((rep.logprobs - tb.old_logp[:, :width]).abs() * tb.mask[:, :width]).max())
-                        loss_value, segments = rep.loss, rep.segments
+                        if it == 0:
+                            width = rep.logprobs.shape[1]
+                            mismatch = float(((rep.logprobs - tb.old_logp[:, :width]).abs() * tb.mask[:, :width]).max())
+                            loss_value, segments = rep.loss, rep.segments
                     dist.sum_grads(adapter.parameters())
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.optim.max_grad_norm))
                     optimizer.step()
