@@ -70,6 +70,10 @@ class OptimConfig:
     lr: float = 1e-2  # ours, for tiny models; the paper's 1e-5 is for 3-8B models
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0
+    # "cosine": lr decays from optim.lr to optim.lr * final_lr_fraction over run.steps (a function of the step, so
+    # a resumed run continues the same schedule); "constant": optim.lr throughout
+    schedule: str = "constant"
+    final_lr_fraction: float = 0.1
 
 
 @dataclass
@@ -87,6 +91,9 @@ class RunConfig:
     save_every: int = 10
     keep_last: int = 2
     threads: int = 2
+    # live-tensor memory is counted by a dispatch mode that sees every op (it slows a tiny model's step ~2x), so only
+    # on the first step, every memory_every steps and the last step; other steps log null
+    memory_every: int = 10
 
 
 @dataclass
@@ -107,6 +114,7 @@ class TrainConfig:
             (self.run.save_every >= 1, "run.save_every", "must be >= 1"),
             (self.run.keep_last >= 1, "run.keep_last", "must be >= 1"),
             (self.run.threads >= 1, "run.threads", "must be >= 1"),
+            (self.run.memory_every >= 1, "run.memory_every", "must be >= 1"),
             (self.grpo.group_size >= 2, "grpo.group_size", "must be >= 2: advantages compare completions of one prompt"),
             (self.grpo.prompts_per_step >= 1, "grpo.prompts_per_step", "must be >= 1"),
             (self.grpo.num_iterations >= 1, "grpo.num_iterations", "must be >= 1"),
@@ -121,6 +129,8 @@ class TrainConfig:
              "statistics); set grpo.state_grad: segment"),
             (self.optim.lr > 0, "optim.lr", "must be > 0"),
             (self.optim.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0"),
+            (self.optim.schedule in ("constant", "cosine"), "optim.schedule", "choose constant or cosine"),
+            (0 <= self.optim.final_lr_fraction <= 1, "optim.final_lr_fraction", "must lie in [0, 1]"),
             (self.sampling.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1"),
             (self.sampling.temperature > 0, "sampling.temperature", "must be > 0 for RL (greedy rollouts give no spread)"),
             (0 < self.sampling.top_p <= 1, "sampling.top_p", "must lie in (0, 1]"),

@@ -13,7 +13,9 @@ Each step, read as the algorithm:
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import random
 import shutil
@@ -64,9 +66,14 @@ def build_examples(cfg: TrainConfig) -> tuple[list[Example], object | None]:
 def example_at(examples: list[Example], position: int, seed: int) -> Example:
     """The example at a global position: epoch e visits a permutation seeded by (seed, e)."""
     epoch, i = divmod(position, len(examples))
-    order = list(range(len(examples)))
+    return examples[_epoch_order(len(examples), seed, epoch)[i]]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return examples[order[i]]
+    return tuple(order)
 
 
 class Rewarder:
@@ -247,6 +254,16 @@ def reference_logprobs(model, adapter: Adapter, rows, cfg: TrainConfig, spec: Ca
         return replay(model, full_rows, ref_spec, temperature=cfg.sampling.temperature).logprobs
 
 
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of 0-based ``step``: constant, or a cosine from optim.lr down to
+    optim.lr * final_lr_fraction at the last step."""
+    if cfg.optim.schedule == "constant" or cfg.run.steps == 1:
+        return cfg.optim.lr
+    progress = step / (cfg.run.steps - 1)
+    low = cfg.optim.lr * cfg.optim.final_lr_fraction
+    return low + (cfg.optim.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict:
     cfg.validate()
     torch.set_num_threads(cfg.run.threads)
@@ -285,13 +302,18 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     try:
         for step in range(start_step, cfg.run.steps):
             t0 = time.perf_counter()
+            measured = step == start_step or (step + 1) % cfg.run.memory_every == 0 or step + 1 == cfg.run.steps
+            meter = LiveTensorBytes if measured else _NoMeter
+            lr = learning_rate(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             batch = [example_at(examples, position + dist.rank * P + i, cfg.run.seed) for i in range(P)]
             position += P * dist.world
             prompt_ids = [render_prompt(tok, ex.prompt, cfg.data.template) for ex in batch]
             window = cfg.cache.window if cfg.cache.window != "auto" else max(len(p) for p in prompt_ids)
             spec = CacheSpec(window=window, evict_fraction=cfg.cache.evict_fraction, policy=cfg.cache.policy)
             rows_prompts = [p for p in prompt_ids for _ in range(G)]
-            with LiveTensorBytes() as rollout_mem:
+            with meter() as rollout_mem:
                 res = rollout(model, rows_prompts, sampling, spec, pad_token_id=pad, tokenizer=tok, generator=gen,
                               adapter=adapter)
             texts = [tok.decode(r.completion_ids, skip_special_tokens=True) for r in res.rows]
@@ -304,7 +326,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                 old[i, :len(r.logprobs)] = torch.tensor(r.logprobs)
                 mask[i, :len(r.logprobs)] = True
             ref = None
-            with LiveTensorBytes() as ref_mem:
+            with meter() as ref_mem:
                 if cfg.grpo.beta > 0:
                     ref = reference_logprobs(model, adapter, res.rows, cfg, spec)
             # a row of an all-equal group has advantage 0: without KL its loss and gradient are exactly 0, so the
@@ -323,7 +345,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                 return loss
 
             mismatch, loss_value, segments = None, 0.0, 0  # stay so when nothing is replayed
-            with LiveTensorBytes() as replay_mem:
+            with meter() as replay_mem:
                 for it in range(cfg.grpo.num_iterations):
                     optimizer.zero_grad(set_to_none=True)
                     if not kept_rows:  # the optimizer steps on zero gradients, as it would after computing them
@@ -347,7 +369,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                 "kl": stats["kl_sum"] / max(stats["tokens"], 1.0) if cfg.grpo.beta > 0 else 0.0,
                 "logprob_mismatch": mismatch, "response_length": float(mask.sum(1).float().mean()),
                 "evictions_per_sample": float(np.mean([len(r.eviction_steps) for r in res.rows])),
-                "replayed_rows": len(kept_rows),
+                "replayed_rows": len(kept_rows), "lr": lr,
                 "window": window, "rollout_tokens_per_s": res.tokens_per_s, "seconds": seconds,
                 "peak_bytes_rollout": rollout_mem.peak, "peak_bytes_reference": ref_mem.peak,
                 "peak_bytes_replay": replay_mem.peak, **rewarder.failures(),
@@ -377,6 +399,16 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         plot_metrics(run_dir)
     dist.close()
     return last
+
+
+class _NoMeter:
+    peak = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
 
 
 class _progress:

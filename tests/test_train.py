@@ -172,16 +172,19 @@ def _adapter_tensors(ckpt):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """Also: memory is measured only on the steps due, and measuring it changes nothing."""
+    args = TINY + ["run.memory_every=3"]
     full = tmp_path / "full"
-    train(load_config(None, TINY + [f"run.out_dir={full}"]), progress=False)
+    train(load_config(None, args + [f"run.out_dir={full}"]), progress=False)
     part = tmp_path / "part"
-    train(load_config(None, TINY + [f"run.out_dir={part}", "run.steps=2"]), progress=False)
-    train(load_config(None, TINY + [f"run.out_dir={part}"]), resume=str(part), progress=False)
+    train(load_config(None, args + [f"run.out_dir={part}", "run.steps=2"]), progress=False)
+    train(load_config(None, args + [f"run.out_dir={part}"]), resume=str(part), progress=False)
     a, b = _adapter_tensors(full / "checkpoint-000004"), _adapter_tensors(part / "checkpoint-000004")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log_full = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
     log_part = [json.loads(l) for l in (part / "metrics.jsonl").read_text().splitlines()]
     assert [l["reward"] for l in log_full] == [l["reward"] for l in log_part]
+    assert [l["peak_bytes_replay"] is not None for l in log_full] == [True, False, True, True]
     assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000004"]
     events = list((full / "tensorboard").glob("events.out.tfevents.*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -192,9 +195,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_killed_run_resumes(tmp_path):
-    """A process killed mid-run (SIGKILL) leaves only complete checkpoints; resuming reaches the same adapter."""
+    """A process killed mid-run (SIGKILL) leaves only complete checkpoints; resuming reaches the same adapter
+    (with a cosine schedule, which must continue from the step it stopped at)."""
     ref = tmp_path / "ref"
-    args = TINY + ["run.steps=6", "run.save_every=1"]
+    args = TINY + ["run.steps=6", "run.save_every=1", "optim.schedule=cosine", "optim.lr=0.02"]
     train(load_config(None, args + [f"run.out_dir={ref}"]), progress=False)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "pte", "train", *sum([["--set", a] for a in args + [f"run.out_dir={run}"]], [])]
@@ -209,6 +213,19 @@ def test_killed_run_resumes(tmp_path):
     train(load_config(None, args + [f"run.out_dir={run}"]), resume=str(run), progress=False)
     a, b = _adapter_tensors(ref / "checkpoint-000006"), _adapter_tensors(run / "checkpoint-000006")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    def lr_by_step(path):  # the resumed run re-logs the steps after its checkpoint: the last line of a step counts
+        return {(m := json.loads(line))["step"]: m["lr"] for line in (path / "metrics.jsonl").read_text().splitlines()}
+
+    assert lr_by_step(run) == lr_by_step(ref) and len(set(lr_by_step(ref).values())) == 6
+
+
+def test_cosine_schedule_runs_from_lr_to_its_final_fraction():
+    from pte.train import learning_rate
+
+    cfg = load_config(None, ["optim.schedule=cosine", "optim.lr=0.02", "optim.final_lr_fraction=0.1", "run.steps=4"])
+    lrs = [learning_rate(cfg, s) for s in range(4)]
+    assert lrs == pytest.approx([0.02, 0.002 + 0.018 * 0.75, 0.002 + 0.018 * 0.25, 0.002])  # cos(pi/3) = 1/2
+    assert learning_rate(load_config(None, ["optim.lr=0.02"]), 3) == 0.02
 
 
 def test_two_process_run_keeps_ranks_identical(tmp_path):
