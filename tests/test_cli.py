@@ -90,6 +90,7 @@ def test_demo_quick_runs_end_to_end(capsys, tmp_path):
     assert demo(quick=True, out=str(tmp_path)) == 0
     out = capsys.readouterr().out
     assert "max |logit - masked full forward|" in out and "| pte | window 8 |" in out
+    assert "lora 2/2 reward" in out and "pte 2/2 reward" in out  # the progress display's last line
     result = _json.loads((tmp_path / "demo.json").read_text())
     assert set(result["eval"]) == {"base", "lora", "lora_c", "pte"}
     assert [s["window"] for s in result["eval"]["pte"]] == [None, 8]
