@@ -125,7 +125,7 @@ def train_all(base: Path, cfg: DemoConfig, out: Path, max_new: int, log) -> dict
     """GRPO for every method. A 0.7M-parameter model's step is bound by per-op overhead, not arithmetic (one
     thread steps as fast as two), so with ``cfg.workers > 1`` the methods train in that many processes at once,
     one thread each, the costliest first: with 2 workers on 2 cores PTE keeps one core while LoRA_c and then LoRA
-    share the other (three at once slowed PTE's step ~3x). The main process shows their progress from their
+    share the other (three at once slowed PTE's step 2-3x). The main process shows their progress from their
     metrics files. Each run is seeded and single-threaded, so its result does not depend on how many run at once."""
     jobs = [(m, cfg.window if cache == "window" else None) for m, cache in METHODS]
     for m, _ in jobs:  # metrics.jsonl appends, and the progress display reads it: a rerun starts clean
