@@ -192,7 +192,7 @@ def demo(quick: bool = False, out: str | None = None) -> int:
     from pte.evaluate import EvalResult, compare, evaluate, write_run
     from pte.models import load
     from pte.pretrain import recipe_task
-    from pte.train import latest_checkpoint
+    from pte.checkpoint import latest as latest_checkpoint
 
     def log(msg: str) -> None:
         print(msg, flush=True)

@@ -464,7 +464,7 @@ def run_command(args) -> str:
     finally:
         if isinstance(score, MathScorer):
             score.close()
-    from pte.train import _code_version
+    from pte.checkpoint import code_version as _code_version
 
     config = dict(model=args.model, adapter=args.adapter, method=method, benchmark=args.benchmark,
                   problems=len(examples), n=args.n, ks=list(ks), max_new_tokens=args.max_new_tokens,

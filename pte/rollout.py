@@ -98,6 +98,17 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.
     return ids.to(device), mask.to(device)
 
 
+def right_pad(seqs: list[list], fill, dtype: torch.dtype, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completions (or their per-token values) -> values [batch, T], mask [batch, T] (bool), pads on the right."""
+    width = max((len(s) for s in seqs), default=0)
+    values = torch.full((len(seqs), width), fill, dtype=dtype)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        values[i, :len(s)] = torch.tensor(s, dtype=dtype)
+        mask[i, :len(s)] = True
+    return values.to(device), mask.to(device)
+
+
 def max_positions(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 

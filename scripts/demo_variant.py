@@ -24,7 +24,7 @@ from pte.evaluate import evaluate
 from pte.models import load
 from pte.pretrain import SHIPPED_BASE, recipe_task
 from pte.rollout import CacheSpec, Sampling
-from pte.train import latest_checkpoint
+from pte.checkpoint import latest as latest_checkpoint
 
 
 def main() -> None:

@@ -280,7 +280,7 @@ def test_a_batch_without_signal_skips_the_replay_and_leaves_the_adapter_unchange
     from pte.adapter import load as load_adapter
     from pte.models import load as load_model
     from pte.pretrain import SHIPPED_BASE
-    from pte.train import latest_checkpoint
+    from pte.checkpoint import latest as latest_checkpoint
 
     out = tmp_path / "run"
     cfg = load_config(None, [f"model.name={SHIPPED_BASE}", "data.task=long_range", "sampling.max_new_tokens=4",

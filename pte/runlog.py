@@ -1,0 +1,75 @@
+"""A training run's metrics: one JSON line per step in ``metrics.jsonl``, TensorBoard scalars, a progress bar,
+and the reward plot. Only rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, *, enabled: bool = True,
+                 progress: bool = True):
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self.path = self.run_dir / "metrics.jsonl"
+        self.writer = self.bar = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if enabled and progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="pte train", unit="step", file=sys.stderr)
+
+    def write(self, metrics: dict) -> None:
+        """``metrics["step"]`` is the 1-based step; other numbers become TensorBoard scalars."""
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                self.writer.add_scalar(key, value, metrics["step"])
+        self.writer.flush()
+        if self.bar is not None:
+            self.bar.set_postfix(reward=f"{metrics['reward']:.3f}", tok_s=f"{metrics['rollout_tokens_per_s']:.0f}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    def plot(self) -> Path | None:
+        return plot_metrics(self.run_dir) if self.enabled else None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Reward (and accuracy) per step from ``metrics.jsonl`` -> a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], marker=".", label="mean reward")
+    ax.plot([r["step"] for r in rows], [r["accuracy"] for r in rows], marker=".", label="reward = 1 (fraction)")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(out) if out else run_dir / "reward.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
