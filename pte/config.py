@@ -4,6 +4,7 @@ model is loaded. An unknown key or an impossible value is an error naming the ke
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,17 @@ class GRPOConfig:
     beta: float = 0.0  # the paper gives no value; TRL's default is 0
     kl_reference: str = "full"  # full: the base model over the full context (eq. 3); bounded: under the same cache
     adv_eps: float = 1e-6
+    # pi_old of the clipped ratio. "replay": the first pass's own log-probs, detached, so that pass's ratio is exactly 1
+    # in any precision (bf16 rollout and replay forwards differ); "rollout": the sampling log-probs (the rollout/
+    # replay gap is logged as logprob_mismatch either way)
+    pi_old: str = "replay"
+    # DAPO's dynamic sampling: drop groups whose rewards do not spread and draw fresh prompts, at most
+    # max_sampling_rounds draws a step; a step then trains on at most prompts_per_step groups
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
+    mask_truncated: bool = False  # completions cut by sampling.max_new_tokens are left out of the loss (TRL's option)
+    skip_empty_steps: bool = True  # no optimizer step when no row of any rank has a signal (Adam moves on zeros)
+    kl_metric_every: int = 10  # log kl_to_base (k3, sampled tokens) every N steps even at beta 0; 0: never
     # PTE's replay: "history" gives the thought encoder the exact gradient through every past eviction from fixed-size
     # statistics (pte.history; constant memory); "segment" stops it at the segment (the encoder then learns only from
     # the newest eviction, and on the long-range task PTE does not learn at all)
@@ -74,6 +86,7 @@ class OptimConfig:
     # a resumed run continues the same schedule); "constant": optim.lr throughout
     schedule: str = "constant"
     final_lr_fraction: float = 0.1
+    warmup_steps: int = 0  # linear warm-up from optim.lr / warmup_steps, then the schedule over the remaining steps
 
 
 @dataclass
@@ -81,6 +94,10 @@ class RewardConfig:
     kind: str = "task"  # "task": the synthetic task's own scorer; "math": math-verify against the gold answer
     workers: int = 2
     timeout: float = 10.0
+    # DAPO's soft overlong penalty: a completion within overlong_buffer tokens of sampling.max_new_tokens loses up to
+    # overlong_penalty, linearly in how far into the buffer it runs; 0: off
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
 
 
 @dataclass
@@ -127,7 +144,14 @@ class TrainConfig:
                   and self.adapter.state_update == "recursive"), "grpo.state_grad",
              "history needs adapter.state_update: accumulate (the recursive update has no fixed-size gradient "
              "statistics); set grpo.state_grad: segment"),
-            (self.optim.lr > 0, "optim.lr", "must be > 0"),
+            (self.grpo.pi_old in ("replay", "rollout"), "grpo.pi_old", "choose replay or rollout"),
+            (self.grpo.max_sampling_rounds >= 1, "grpo.max_sampling_rounds", "must be >= 1"),
+            (self.grpo.kl_metric_every >= 0, "grpo.kl_metric_every", "must be >= 0 (0: never)"),
+            (math.isfinite(self.optim.lr) and self.optim.lr > 0, "optim.lr", "must be a finite number > 0"),
+            (self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
+            (0 <= self.reward.overlong_buffer < self.sampling.max_new_tokens, "reward.overlong_buffer",
+             "must lie in [0, sampling.max_new_tokens)"),
+            (self.reward.overlong_penalty >= 0, "reward.overlong_penalty", "must be >= 0"),
             (self.optim.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0"),
             (self.optim.schedule in ("constant", "cosine"), "optim.schedule", "choose constant or cosine"),
             (0 <= self.optim.final_lr_fraction <= 1, "optim.final_lr_fraction", "must lie in [0, 1]"),

@@ -64,6 +64,9 @@ class DemoConfig:
     rank: int = 8
     lr: float = 3e-3  # 1e-2 made PTE's reward collapse within 20 steps (a throwaway sweep, README)
     schedule: str = "constant"
+    # the GRPO details the demo's table was measured with (pte's defaults changed since: see TrainConfig.grpo)
+    pi_old: str = "rollout"
+    skip_empty_steps: bool = False
     workers: int = 2  # training processes at once, one thread each (1: one after the other, in this process)
     eval_problems: int = 200
     seed: int = 0
@@ -111,7 +114,8 @@ def train_method(base: Path, method: str, window: int | None, cfg: DemoConfig, o
     tc.cache.window, tc.cache.evict_fraction = window, cfg.evict_fraction
     tc.sampling.max_new_tokens, tc.sampling.temperature = max_new, 1.0
     tc.grpo.group_size, tc.grpo.prompts_per_step = cfg.group_size, cfg.prompts_per_step
-    tc.grpo.num_iterations = cfg.num_iterations
+    tc.grpo.num_iterations, tc.grpo.pi_old, tc.grpo.skip_empty_steps = cfg.num_iterations, cfg.pi_old, cfg.skip_empty_steps
+    tc.grpo.kl_metric_every = 0
     tc.optim.lr, tc.optim.schedule = cfg.lr, cfg.schedule
     tc.run.steps, tc.run.out_dir, tc.run.seed = cfg.steps, str(out / f"train-{method}"), cfg.seed
     tc.run.save_every, tc.run.threads = cfg.steps, threads or torch.get_num_threads()

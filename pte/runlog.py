@@ -34,7 +34,9 @@ class RunLog:
                 self.writer.add_scalar(key, value, metrics["step"])
         self.writer.flush()
         if self.bar is not None:
-            self.bar.set_postfix(reward=f"{metrics['reward']:.3f}", tok_s=f"{metrics['rollout_tokens_per_s']:.0f}")
+            reward = metrics.get("reward")
+            self.bar.set_postfix(reward="-" if reward is None else f"{reward:.3f}",
+                                 tok_s=f"{metrics['rollout_tokens_per_s']:.0f}")
             self.bar.update(1)
 
     def close(self) -> None:

@@ -31,7 +31,7 @@ from pte.adapter import Adapter, attach
 from pte.config import TrainConfig, to_dict
 from pte.data import Example, load_examples, render_prompt
 from pte.dist import Dist
-from pte.grpo import TokenBatch, clipped_token_loss, group_advantages
+from pte.grpo import TokenBatch, clipped_token_loss, group_advantages, soft_overlong_penalty, spread
 from pte.memory import LiveTensorBytes
 from pte.replay import replay
 from pte.rollout import CacheSpec, RolloutRow, Sampling, right_pad, rollout
@@ -142,11 +142,15 @@ def setup(cfg: TrainConfig) -> Run:
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """The learning rate of 0-based ``step``: constant, or a cosine from optim.lr down to
+    """The learning rate of 0-based ``step`` (a function of the step alone, so resume continues it): a linear
+    warm-up over optim.warmup_steps, then constant, or a cosine from optim.lr down to
     optim.lr * final_lr_fraction at the last step."""
-    if cfg.optim.schedule == "constant" or cfg.run.steps == 1:
+    warm = cfg.optim.warmup_steps
+    if step < warm:
+        return cfg.optim.lr * (step + 1) / warm
+    if cfg.optim.schedule == "constant" or cfg.run.steps - warm <= 1:
         return cfg.optim.lr
-    progress = step / (cfg.run.steps - 1)
+    progress = (step - warm) / (cfg.run.steps - warm - 1)
     low = cfg.optim.lr * cfg.optim.final_lr_fraction
     return low + (cfg.optim.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -162,45 +166,100 @@ class _NoMeter:
         return None
 
 
+class PromptStream:
+    """The training prompts in order. A draw gives each rank ``n`` prompts: rank r's i-th is the example at global
+    position ``position + r * n + i``; every rank draws the same number of times, so one saved position resumes
+    them all."""
+
+    def __init__(self, examples: list[Example], n: int, seed: int, dist: Dist, position: int = 0):
+        self.examples, self.n, self.seed, self.dist, self.position = examples, n, seed, dist, position
+
+    def draw(self) -> list[Example]:
+        batch = [example_at(self.examples, self.position + self.dist.rank * self.n + i, self.seed)
+                 for i in range(self.n)]
+        self.position += self.n * self.dist.world
+        return batch
+
+
 @dataclass
 class Trajectory:
     """One step's rollouts, scored: what the GRPO update needs. Tensors live on the model's device."""
 
-    rows: list[RolloutRow]  # prompts_per_step * group_size, grouped by prompt
+    rows: list[RolloutRow]  # groups of group_size rows, one group per prompt
     spec: CacheSpec
     rewards: torch.Tensor  # [rows]
     advantages: torch.Tensor  # [rows, 1]
-    batch: TokenBatch  # the replayed rows' per-token quantities; normaliser: every token of every rank's batch
-    kept: list[RolloutRow]  # the rows replayed (see collect)
-    rollout_tokens_per_s: float
-    peak_bytes: dict = field(default_factory=dict)
+    batch: TokenBatch  # the replayed rows' per-token quantities; normaliser: every loss token of every rank
+    kept: list[RolloutRow]  # the rows replayed: a nonzero advantage (all rows when beta > 0), not masked out
+    rollout_logp: torch.Tensor  # [kept, T] the sampling log-probs of the kept rows
+    stats: dict = field(default_factory=dict)
 
 
-def collect(run: Run, batch: list[Example], meter=_NoMeter) -> Trajectory:
-    """Steps 1-2: sample ``group_size`` completions of each prompt under the cache policy, score them, and fix
-    every per-token quantity of the update before any replay."""
-    cfg, G = run.cfg, run.cfg.grpo.group_size
-    prompt_ids = [render_prompt(run.tok, ex.prompt, cfg.data.template) for ex in batch]
-    window = cfg.cache.window if cfg.cache.window != "auto" else max(len(p) for p in prompt_ids)
-    spec = CacheSpec(window=window, evict_fraction=cfg.cache.evict_fraction, policy=cfg.cache.policy)
-    with meter() as rollout_mem:
-        res = rollout(run.model, [p for p in prompt_ids for _ in range(G)], run.sampling, spec, pad_token_id=run.pad,
-                      tokenizer=run.tok, generator=run.gen, adapter=run.adapter)
-    texts = [run.tok.decode(r.completion_ids, skip_special_tokens=True) for r in res.rows]
-    rewards = torch.tensor(run.rewarder(texts, [ex for ex in batch for _ in range(G)]), device=run.device)
-    adv = group_advantages(rewards.view(-1, G), cfg.grpo.adv_eps).view(-1, 1)
-    old, mask = right_pad([r.logprobs for r in res.rows], 0.0, torch.float32, run.device)
+def sample_groups(run: Run, prompts: PromptStream, meter=_NoMeter) -> tuple[list[RolloutRow], torch.Tensor, CacheSpec, dict]:
+    """Step 1's sampling: ``group_size`` completions of each drawn prompt under the cache policy, scored ->
+    rows, rewards [groups, G]. With ``grpo.dynamic_sampling`` groups whose rewards do not spread are dropped and
+    fresh prompts drawn, at most ``max_sampling_rounds`` draws (every rank draws as often as the neediest)."""
+    cfg, G, P = run.cfg, run.cfg.grpo.group_size, run.cfg.grpo.prompts_per_step
+    rows, rewards, spec, drawn, rounds, seconds, tokens = [], [], None, 0, 0, 0.0, 0
+    with meter() as mem:
+        while True:
+            batch = prompts.draw()
+            prompt_ids = [render_prompt(run.tok, ex.prompt, cfg.data.template) for ex in batch]
+            if spec is None:  # "auto": the longest question of the first draw; later draws keep it (one replay)
+                window = cfg.cache.window if cfg.cache.window != "auto" else max(len(p) for p in prompt_ids)
+                spec = CacheSpec(window=window, evict_fraction=cfg.cache.evict_fraction, policy=cfg.cache.policy)
+            res = rollout(run.model, [p for p in prompt_ids for _ in range(G)], run.sampling, spec,
+                          pad_token_id=run.pad, tokenizer=run.tok, generator=run.gen, adapter=run.adapter)
+            texts = [run.tok.decode(r.completion_ids, skip_special_tokens=True) for r in res.rows]
+            scores = torch.tensor(run.rewarder(texts, [ex for ex in batch for _ in range(G)]), device=run.device)
+            if cfg.reward.overlong_buffer > 0:
+                lengths = torch.tensor([len(r.completion_ids) for r in res.rows], device=run.device)
+                scores = scores + soft_overlong_penalty(lengths, cfg.sampling.max_new_tokens,
+                                                        cfg.reward.overlong_buffer, cfg.reward.overlong_penalty)
+            scores = scores.view(-1, G)
+            keep = spread(scores) if cfg.grpo.dynamic_sampling else torch.ones(len(batch), dtype=torch.bool)
+            for g in keep.nonzero().view(-1).tolist()[: P - len(rewards)]:
+                rows += res.rows[g * G:(g + 1) * G]
+                rewards.append(scores[g])
+            drawn, rounds = drawn + len(batch), rounds + 1
+            seconds, tokens = seconds + res.seconds, tokens + res.generated_tokens
+            more = cfg.grpo.dynamic_sampling and len(rewards) < P and rounds < cfg.grpo.max_sampling_rounds
+            if not run.dist.any(more):
+                break
+    stats = {"sampled_groups": drawn, "kept_groups": len(rewards), "sampling_rounds": rounds,
+             "rollout_tokens_per_s": tokens / max(seconds, 1e-9), "peak_bytes_rollout": mem.peak}
+    empty = torch.zeros(0, G, device=run.device)
+    return rows, torch.stack(rewards) if rewards else empty, spec, stats
+
+
+def collect(run: Run, prompts: PromptStream, meter=_NoMeter, kl_metric: bool = False) -> Trajectory:
+    """Steps 1-2: sample and score groups, and fix every per-token quantity of the update before any replay."""
+    cfg = run.cfg
+    rows, rewards, spec, stats = sample_groups(run, prompts, meter)
+    adv = group_advantages(rewards, cfg.grpo.adv_eps).view(-1, 1)
+    rollout_logp, mask = right_pad([r.logprobs for r in rows], 0.0, torch.float32, run.device)
+    if cfg.grpo.mask_truncated:
+        cut = torch.tensor([r.finish_reason == "length" for r in rows], dtype=torch.bool, device=run.device)
+        mask = mask & ~cut[:, None]
     ref = None
     with meter() as ref_mem:
-        if cfg.grpo.beta > 0:
-            ref = reference_logprobs(run, res.rows, spec)
-    # a row of an all-equal group has advantage 0: without KL its loss and gradient are exactly 0, so the replay
-    # skips it (the normaliser still counts every token of the batch, so the loss is unchanged)
-    keep = torch.arange(len(res.rows), device=run.device) if cfg.grpo.beta > 0 else adv.view(-1).nonzero().view(-1)
-    tb = TokenBatch(advantages=adv[keep], old_logp=old[keep], mask=mask[keep],
-                    ref_logp=None if ref is None else ref[keep], normalizer=float(run.dist.sum(mask.sum().double())))
-    return Trajectory(res.rows, spec, rewards, adv, tb, [res.rows[i] for i in keep.tolist()], res.tokens_per_s,
-                      {"rollout": rollout_mem.peak, "reference": ref_mem.peak})
+        if rows and (cfg.grpo.beta > 0 or kl_metric):
+            ref = reference_logprobs(run, rows, spec)
+    if ref is not None:  # k3 on the sampled tokens: an estimate of KL(policy || base), logged at any beta
+        delta = (ref - rollout_logp) * mask
+        stats["kl_to_base"] = float(((delta.exp() - delta - 1) * mask).sum() / mask.sum().clamp(min=1))
+    # a row whose advantage is 0 (without KL) or whose tokens are all masked has loss and gradient exactly 0, so the
+    # replay skips it; the normaliser still counts every loss token of the batch, so the loss is unchanged
+    signal = torch.ones_like(mask[:, 0]) if cfg.grpo.beta > 0 else adv.view(-1) != 0
+    keep = (signal & mask.any(dim=1)).nonzero().view(-1)
+    tb = TokenBatch(advantages=adv[keep], old_logp=rollout_logp[keep] if cfg.grpo.pi_old == "rollout" else None,
+                    mask=mask[keep], ref_logp=None if ref is None or cfg.grpo.beta == 0 else ref[keep],
+                    normalizer=float(run.dist.sum(mask.sum().double())))
+    logp = rollout_logp[mask]
+    stats |= {"peak_bytes_reference": ref_mem.peak, "loss_tokens": int(mask.sum()),
+              "entropy": float(-logp.mean()) if logp.numel() else None}  # Monte Carlo: E[-log pi] of sampled tokens
+    return Trajectory(rows, spec, rewards.view(-1), adv, tb, [rows[i] for i in keep.tolist()], rollout_logp[keep],
+                      stats)
 
 
 def reference_logprobs(run: Run, rows: list[RolloutRow], spec: CacheSpec) -> torch.Tensor:
@@ -214,7 +273,9 @@ def reference_logprobs(run: Run, rows: list[RolloutRow], spec: CacheSpec) -> tor
 
 
 def grpo_step(run: Run, traj: Trajectory, meter=_NoMeter) -> dict:
-    """Steps 3: ``num_iterations`` clipped passes over the kept rows, each ending in one Adam step."""
+    """Step 3: ``num_iterations`` clipped passes over the kept rows, each ending in one Adam step. pi_old is fixed
+    by the first pass (``grpo.pi_old``). No step is taken when no row of any rank has a signal
+    (``grpo.skip_empty_steps``): Adam's moments would otherwise keep moving the adapter on zero gradients."""
     cfg, tb, params = run.cfg, traj.batch, run.adapter.parameters()
     sums = {"clipped_tokens": 0.0, "tokens": 0.0, "kl_sum": 0.0}
 
@@ -225,11 +286,14 @@ def grpo_step(run: Run, traj: Trajectory, meter=_NoMeter) -> dict:
             sums[k] += v
         return loss
 
-    out = {"logprob_mismatch": None, "loss": 0.0, "segments": 0}  # stay so when nothing is replayed
+    out = {"logprob_mismatch": None, "loss": 0.0, "segments": 0, "grad_norm": 0.0, "skipped_step": False}
+    if cfg.grpo.skip_empty_steps and not run.dist.any(bool(traj.kept)):
+        run.optimizer.zero_grad(set_to_none=True)
+        return out | {"skipped_step": True, "clip_fraction": 0.0, "kl": 0.0, "peak_bytes_replay": None}
     with meter() as replay_mem:
         for it in range(cfg.grpo.num_iterations):
             run.optimizer.zero_grad(set_to_none=True)
-            if not traj.kept:  # the optimizer steps on zero gradients, as it would after computing them
+            if not traj.kept:  # another rank has a signal: this one adds zero gradients to the sum
                 for p in params:
                     p.grad = torch.zeros_like(p)
             else:
@@ -237,10 +301,17 @@ def grpo_step(run: Run, traj: Trajectory, meter=_NoMeter) -> dict:
                              loss_fn=loss_fn, state_grad=cfg.grpo.state_grad, pad_token_id=run.pad)
                 if it == 0:
                     width = rep.logprobs.shape[1]
-                    gap = (rep.logprobs - tb.old_logp[:, :width]).abs() * tb.mask[:, :width]
+                    gap = (rep.logprobs - traj.rollout_logp[:, :width]).abs() * tb.mask[:, :width]
                     out.update(logprob_mismatch=float(gap.max()), loss=rep.loss, segments=rep.segments)
+                    if tb.old_logp is None:
+                        tb.old_logp = rep.logprobs
             run.dist.sum_grads(params)
-            out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            if not torch.isfinite(norm):
+                raise FloatingPointError(
+                    f"non-finite gradient norm ({float(norm)}, loss {out['loss']}): the adapter was not updated; lower "
+                    "optim.lr or check the rewards, then resume from the last checkpoint with --resume")
+            out["grad_norm"] = float(norm)
             run.optimizer.step()
     out["clip_fraction"] = sums["clipped_tokens"] / max(sums["tokens"], 1.0)
     out["kl"] = sums["kl_sum"] / max(sums["tokens"], 1.0) if cfg.grpo.beta > 0 else 0.0
@@ -252,20 +323,21 @@ def step_metrics(run: Run, traj: Trajectory, stats: dict, lr: float) -> dict:
     """Step 4's record: what was sampled, what the update did, and (on measured steps) the memory of each phase."""
     rewards = traj.rewards
     m = {
-        "reward": float(rewards.mean()), "reward_max": float(rewards.max()),
-        "accuracy": float((rewards >= 1.0).float().mean()), "loss": stats["loss"], "grad_norm": stats["grad_norm"],
+        "reward": float(rewards.mean()) if rewards.numel() else None,
+        "reward_max": float(rewards.max()) if rewards.numel() else None,
+        "accuracy": float((rewards >= 1.0).float().mean()) if rewards.numel() else None,
+        "loss": stats["loss"], "grad_norm": stats["grad_norm"], "skipped_step": stats["skipped_step"],
         "clip_fraction": stats["clip_fraction"], "kl": stats["kl"], "logprob_mismatch": stats["logprob_mismatch"],
-        "response_length": float(np.mean([len(r.completion_ids) for r in traj.rows])),
-        "evictions_per_sample": float(np.mean([len(r.eviction_steps) for r in traj.rows])),
-        "replayed_rows": len(traj.kept), "lr": lr, "window": traj.spec.window,
-        "rollout_tokens_per_s": traj.rollout_tokens_per_s, "peak_bytes_rollout": traj.peak_bytes["rollout"],
-        "peak_bytes_reference": traj.peak_bytes["reference"], "peak_bytes_replay": stats["peak_bytes_replay"],
-        **run.rewarder.failures(),
+        "response_length": float(np.mean([len(r.completion_ids) for r in traj.rows])) if traj.rows else None,
+        "evictions_per_sample": float(np.mean([len(r.eviction_steps) for r in traj.rows])) if traj.rows else None,
+        "replayed_rows": len(traj.kept), "lr": lr, "window": traj.spec.window, **traj.stats,
+        "peak_bytes_replay": stats["peak_bytes_replay"], **run.rewarder.failures(),
     }
     dist = run.dist
     if dist.world > 1:
         checksums = dist.gather_floats(float(sum(p.double().sum() for p in run.adapter.parameters())))
-        m["reward"] = float(dist.sum(rewards.sum().double()) / (len(rewards) * dist.world))
+        total = dist.sum(torch.tensor([float(rewards.sum()), float(rewards.numel())], dtype=torch.float64))
+        m["reward"] = float(total[0] / total[1].clamp(min=1))
         m["ranks_identical"] = len(set(checksums)) == 1
         m["segments_per_rank"] = dist.gather_floats(float(stats["segments"]))
         m["world_size"] = dist.world
@@ -285,6 +357,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg) | {"code_version": checkpoint.code_version(),
                                                                           "world_size": dist.world}, indent=1))
+    prompts = PromptStream(run.examples, P, cfg.run.seed, dist, position)
     log, last = RunLog(run_dir, cfg.run.steps, start, enabled=dist.rank == 0, progress=progress), {}
     try:
         for step in range(start, cfg.run.steps):
@@ -294,14 +367,13 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
             lr = learning_rate(cfg, step)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            batch = [example_at(run.examples, position + dist.rank * P + i, cfg.run.seed) for i in range(P)]
-            position += P * dist.world
-            traj = collect(run, batch, meter)
+            kl_metric = cfg.grpo.kl_metric_every > 0 and (step + 1) % cfg.grpo.kl_metric_every == 0
+            traj = collect(run, prompts, meter, kl_metric)
             stats = grpo_step(run, traj, meter)
             last = {"step": step + 1} | step_metrics(run, traj, stats, lr) | {"seconds": time.perf_counter() - t0}
             log.write(last)
             if (step + 1) % cfg.run.save_every == 0 or step + 1 == cfg.run.steps:
-                checkpoint.save(run_dir, step + 1, cfg, run.adapter, run.optimizer, run.gen, position, dist)
+                checkpoint.save(run_dir, step + 1, cfg, run.adapter, run.optimizer, run.gen, prompts.position, dist)
     finally:
         log.close()
         run.rewarder.close()
