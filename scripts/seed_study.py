@@ -7,7 +7,7 @@ Each (method, seed) is exactly the two README commands, run as subprocesses:
 
     pte train --config configs/long_range_{method}.yaml --set run.seed=S --set run.out_dir=OUT/{method}-s{S}
     pte eval --model pte/assets/long_range_base --adapter OUT/{method}-s{S}/checkpoint-000100 \
-        --benchmark long_range --seed 30000001 --limit 200 --cache-window 8 --temperature 0 --out OUT/{method}-s{S}/eval
+        --benchmark long_range --seed 30000001 --limit 200 --cache-window 8 --temperature 0 --max-new-tokens 66 --out OUT/{method}-s{S}/eval
 
 One JSON line per run goes to OUT/results.jsonl (accuracy, 95% interval, training reward per 10 steps, wall times);
 a markdown table of every seed and the mean to OUT/table.md.
@@ -39,9 +39,10 @@ def run_one(method: str, seed: int, out: Path, overrides: list[str], window: int
     from pte.checkpoint import latest
 
     ckpt = latest(run_dir)
+    max_new = json.loads((run_dir / "config.json").read_text())["sampling"]["max_new_tokens"]
     ev = [sys.executable, "-m", "pte", "eval", "--model", str(ROOT / "pte/assets/long_range_base"), "--adapter",
           str(ckpt), "--benchmark", "long_range", "--seed", str(EVAL_SEED), "--limit", str(limit), "--cache-window",
-          str(window), "--temperature", "0", "--out", str(run_dir / "eval")]
+          str(window), "--temperature", "0", "--max-new-tokens", str(max_new), "--out", str(run_dir / "eval")]
     t1 = time.perf_counter()
     subprocess.run(ev, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())["runs"][0]
