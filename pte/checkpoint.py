@@ -1,11 +1,20 @@
-"""Training checkpoints: ``checkpoint-{step:06d}/`` with the adapter, the optimizer, every rank's RNG states and
-the data position, written atomically (a temporary directory renamed at the end), so a run killed at any moment
-resumes bit-exactly from its last complete checkpoint. Safetensors and JSON only: nothing is unpickled."""
+"""Training checkpoints and the run directory that holds them.
+
+``checkpoint-{step:06d}/`` holds the adapter, the optimizer, every rank's RNG states and the data position, written
+atomically (a temporary directory renamed at the end), so a run killed at any moment resumes bit-exactly from its
+last complete checkpoint. Safetensors and JSON only: nothing is unpickled.
+
+A run owns only its own files: each run has an id, recorded in its checkpoints; clean-up deletes only checkpoints
+with that id, by step number. A directory that holds another run is refused unless the run resumes it or sets
+``run.overwrite``; a lock file keeps a second process out while a run writes.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import uuid
 import random
 import re
 import shutil
@@ -55,7 +64,7 @@ def latest(path: Path) -> Path:
 
 
 def save(run_dir: Path, step: int, cfg: TrainConfig, adapter: Adapter, optimizer, gen: torch.Generator,
-         data_position: int, dist: Dist) -> Path:
+         data_position: int, dist: Dist, run_id: str | None = None) -> Path:
     """Write ``checkpoint-{step}`` atomically: every rank writes its RNG states into a temporary directory,
     rank 0 adds the adapter, optimizer and state, and renames it at the end."""
     from safetensors.torch import save_file
@@ -84,16 +93,116 @@ def save(run_dir: Path, step: int, cfg: TrainConfig, adapter: Adapter, optimizer
         state = {
             "step": step, "data_position": data_position, "threads": torch.get_num_threads(), "world_size": dist.world,
             "param_groups": opt["param_groups"], "param_names": [n for n, _ in adapter.named_parameters()],
-            "config": to_dict(cfg), "code_version": code_version(),
+            "config": to_dict(cfg), "code_version": code_version(), "run_id": run_id,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in checkpoints(run_dir)[: -cfg.run.keep_last]:
+        own = [c for c in checkpoints(run_dir) if _state(c).get("run_id") == run_id]
+        for old in own[: -cfg.run.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _state(ckpt: Path) -> dict:
+    path = ckpt / "trainer_state.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable ({exc}); the checkpoint is damaged, resume from an earlier one") from None
+
+
+RUN_FILES = ("metrics.jsonl", "config.json", "reward.png", "tensorboard")  # besides checkpoints
+
+
+class RunDir:
+    """``run.out_dir`` claimed by one run: locked while it writes, refused when it holds another run."""
+
+    def __init__(self, path: Path, run_id: str | None, lock_file=None):
+        self.path, self.run_id, self._lock = path, run_id, lock_file
+
+    @classmethod
+    def claim(cls, path: Path, *, resume: Path | None, overwrite: bool, rank: int = 0) -> "RunDir":
+        """Rank 0 locks ``path`` and checks what it holds; other ranks only learn the run id."""
+        run_id = _state(resume).get("run_id") if resume is not None else uuid.uuid4().hex[:12]  # None: older pte
+        if rank != 0:
+            return cls(path, run_id)
+        path.mkdir(parents=True, exist_ok=True)
+        lock = (path / ".pte-lock").open("a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise ValueError(f"run.out_dir={path}: another pte train (pid {holder}) is writing there; wait for it, "
+                             "or choose another run.out_dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        run = cls(path, run_id, lock)
+        held = [p.name for p in checkpoints(path)] + [n for n in RUN_FILES if (path / n).exists()]
+        if resume is None and held:
+            if not overwrite:
+                run.release()
+                raise ValueError(f"run.out_dir={path} already holds a run ({', '.join(held[:4])}); resume it with "
+                                 f"--resume {path}, choose another run.out_dir, or set run.overwrite=true to replace it")
+            for p in checkpoints(path):
+                shutil.rmtree(p)
+            for name in RUN_FILES:
+                target = path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        return run
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop metric lines past ``step`` (written after the checkpoint a resume starts from)."""
+        from pte.files import write_text_atomic
+
+        log = self.path / "metrics.jsonl"
+        if log.exists():
+            lines = [line for line in log.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+            if len(kept) != len(lines):
+                write_text_atomic(log, "".join(line + "\n" for line in kept))
+
+    def release(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+
+def check_resumable(ckpt: Path, cfg: TrainConfig) -> None:
+    """A resume must keep the cache and adapter the checkpoint was trained with: name every changed key."""
+    saved = _state(ckpt).get("config", {})
+    now = to_dict(cfg)
+    changed = [f"{section}.{k}: {saved[section][k]!r} -> {now[section][k]!r}"
+               for section in ("cache", "adapter") for k in now[section]
+               if section in saved and k in saved[section] and _norm(saved[section][k]) != _norm(now[section][k])]
+    if changed:
+        raise ValueError(f"--resume {ckpt}: this run changes settings the checkpoint was trained with ("
+                         + "; ".join(changed) + "); resume with the original values, or start a new run.out_dir")
+
+
+def finished(ckpt: Path, cfg: TrainConfig) -> dict | None:
+    """The last metrics of a run that already reached ``run.steps`` (a resume then has nothing to do), else None."""
+    step = _state(ckpt)["step"]
+    if step < cfg.run.steps:
+        return None
+    import sys
+
+    print(f"[pte] {ckpt} is step {step}, and run.steps={cfg.run.steps}: the run is finished; raise run.steps "
+          "to train further", file=sys.stderr)
+    log = ckpt.parent / "metrics.jsonl"
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+    return next((m for m in reversed(lines) if m.get("step") == step), {"step": step})
+
+
+def _norm(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def restore(ckpt: Path, adapter: Adapter, optimizer, gen: torch.Generator, dist: Dist) -> dict:

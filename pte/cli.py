@@ -116,8 +116,15 @@ def _train(args) -> int:
     from pte.config import load_config
     from pte.train import train
 
+    from pte.signals import Preempted
+
     cfg = load_config(args.config, args.set or [])
-    last = train(cfg, resume=args.resume)
+    try:
+        last = train(cfg, resume=args.resume)
+    except Preempted as stop:
+        print(f"[pte] {stop}; continue with the same arguments and --resume {stop.checkpoint.parent}",
+              file=sys.stderr)
+        return stop.exit_code
     print(json.dumps(last))
     return 0
 

@@ -111,6 +111,7 @@ class RunConfig:
     # live-tensor memory is counted by a dispatch mode that sees every op (it slows a tiny model's step ~2x), so only
     # on the first step, every memory_every steps and the last step; other steps log null
     memory_every: int = 10
+    overwrite: bool = False  # replace a finished or abandoned run in out_dir (otherwise: refuse, or --resume it)
 
 
 @dataclass

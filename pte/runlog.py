@@ -17,7 +17,8 @@ class RunLog:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            # purge_step: a resumed run's TensorBoard drops the events logged after its checkpoint
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         if enabled and progress:
             from tqdm import tqdm
 

@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from pte.memory import LiveTensorBytes
 from pte.replay import replay
 from pte.rollout import CacheSpec, RolloutRow, Sampling, right_pad, rollout
 from pte.runlog import RunLog
+from pte.signals import Preempted, StopSignals
 from pte.tokens import pad_token_id, stop_token_ids
 
 
@@ -123,13 +125,13 @@ class Run:
         return self.dist.device
 
 
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig, dist: Dist | None = None) -> Run:
     torch.set_num_threads(cfg.run.threads)
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     examples, task = build_examples(cfg)  # data errors surface before the model loads
-    dist = Dist(cfg.model.device)
+    dist = dist or Dist(cfg.model.device)
     model, tok = build_model(cfg, str(dist.device))
     adapter = attach(model, cfg.adapter)
     optimizer = torch.optim.Adam(adapter.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
@@ -347,36 +349,54 @@ def step_metrics(run: Run, traj: Trajectory, stats: dict, lr: float) -> dict:
 # -- the loop -------------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict:
     cfg.validate()
-    run = setup(cfg)
-    run_dir, P, dist = Path(cfg.run.out_dir), cfg.grpo.prompts_per_step, run.dist
+    ckpt = checkpoint.latest(Path(resume)) if resume else None
+    if ckpt is not None:
+        checkpoint.check_resumable(ckpt, cfg)
+        if (done := checkpoint.finished(ckpt, cfg)) is not None:
+            return done
+    dist = Dist(cfg.model.device)
+    run_dir = checkpoint.RunDir.claim(Path(cfg.run.out_dir), resume=ckpt, overwrite=cfg.run.overwrite, rank=dist.rank)
+    try:
+        return _train(cfg, dist, run_dir, ckpt, progress)
+    finally:
+        run_dir.release()
+        dist.close()
+
+
+def _train(cfg: TrainConfig, dist: Dist, run_dir: checkpoint.RunDir, ckpt: Path | None, progress: bool) -> dict:
+    run, out = setup(cfg, dist), run_dir.path
     start, position = 0, 0
-    if resume:
-        state = checkpoint.restore(checkpoint.latest(Path(resume)), run.adapter, run.optimizer, run.gen, dist)
+    if ckpt is not None:
+        state = checkpoint.restore(ckpt, run.adapter, run.optimizer, run.gen, dist)
         start, position = state["step"], state["data_position"]
     if dist.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg) | {"code_version": checkpoint.code_version(),
-                                                                          "world_size": dist.world}, indent=1))
-    prompts = PromptStream(run.examples, P, cfg.run.seed, dist, position)
-    log, last = RunLog(run_dir, cfg.run.steps, start, enabled=dist.rank == 0, progress=progress), {}
+        run_dir.truncate_metrics(start)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg) | {"code_version": checkpoint.code_version(),
+                                                                     "world_size": dist.world}, indent=1))
+    prompts = PromptStream(run.examples, cfg.grpo.prompts_per_step, cfg.run.seed, dist, position)
+    log, last = RunLog(out, cfg.run.steps, start, enabled=dist.rank == 0, progress=progress), {}
     try:
-        for step in range(start, cfg.run.steps):
-            t0 = time.perf_counter()
-            measured = step == start or (step + 1) % cfg.run.memory_every == 0 or step + 1 == cfg.run.steps
-            meter = LiveTensorBytes if measured else _NoMeter
-            lr = learning_rate(cfg, step)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            kl_metric = cfg.grpo.kl_metric_every > 0 and (step + 1) % cfg.grpo.kl_metric_every == 0
-            traj = collect(run, prompts, meter, kl_metric)
-            stats = grpo_step(run, traj, meter)
-            last = {"step": step + 1} | step_metrics(run, traj, stats, lr) | {"seconds": time.perf_counter() - t0}
-            log.write(last)
-            if (step + 1) % cfg.run.save_every == 0 or step + 1 == cfg.run.steps:
-                checkpoint.save(run_dir, step + 1, cfg, run.adapter, run.optimizer, run.gen, prompts.position, dist)
+        with StopSignals() as stop:
+            for step in range(start, cfg.run.steps):
+                t0 = time.perf_counter()
+                measured = step == start or (step + 1) % cfg.run.memory_every == 0 or step + 1 == cfg.run.steps
+                meter = LiveTensorBytes if measured else _NoMeter
+                lr = learning_rate(cfg, step)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr
+                kl_metric = cfg.grpo.kl_metric_every > 0 and (step + 1) % cfg.grpo.kl_metric_every == 0
+                traj = collect(run, prompts, meter, kl_metric)
+                stats = grpo_step(run, traj, meter)
+                last = {"step": step + 1} | step_metrics(run, traj, stats, lr) | {"seconds": time.perf_counter() - t0}
+                log.write(last)
+                stopping = dist.any(stop.signum is not None)
+                if (step + 1) % cfg.run.save_every == 0 or step + 1 == cfg.run.steps or stopping:
+                    saved = checkpoint.save(out, step + 1, cfg, run.adapter, run.optimizer, run.gen, prompts.position,
+                                            dist, run_dir.run_id)
+                if stopping and step + 1 < cfg.run.steps:
+                    raise Preempted(stop.signum or signal.SIGTERM, saved)
     finally:
         log.close()
         run.rewarder.close()
     log.plot()
-    dist.close()
     return last

@@ -293,3 +293,78 @@ def test_a_batch_without_signal_skips_the_replay_and_leaves_the_adapter_unchange
     model, _ = load_model(str(SHIPPED_BASE))
     adapter = load_adapter(model, latest_checkpoint(out))
     assert all(lin.A.abs().max() == 0 for lin in adapter.linears.values())
+
+
+# -- the run directory and preemption -------------------------------------------------------------------------------
+def test_sigterm_saves_and_the_resumed_run_is_bit_exact(tmp_path):
+    """SIGTERM mid-run: the step in progress finishes, a checkpoint of it is written, one line says how to resume,
+    the exit code is 143; resuming gives the uninterrupted run's adapter and metrics without duplicate steps."""
+    args = TINY + ["run.steps=6", "run.save_every=100"]
+    ref = tmp_path / "ref"
+    train(load_config(None, args + [f"run.out_dir={ref}"]), progress=False)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pte", "train", *sum([["--set", a] for a in args + [f"run.out_dir={run}"]], [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (
+            (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    saved = sorted(p.name for p in run.glob("checkpoint-*"))
+    assert len(saved) == 1 and saved[0] != "checkpoint-000006", saved
+    assert "stopped by SIGTERM" in err and f"--resume {run}" in err
+    train(load_config(None, args + [f"run.out_dir={run}"]), resume=str(run), progress=False)
+    a, b = _adapter_tensors(ref / "checkpoint-000006"), _adapter_tensors(run / "checkpoint-000006")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    ref_rewards = [json.loads(l)["reward"] for l in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert [json.loads(l)["reward"] for l in (run / "metrics.jsonl").read_text().splitlines()] == ref_rewards
+
+
+def test_foreign_checkpoints_are_untouched_and_the_runs_own_are_kept(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("checkpoint-best", "checkpoint-1000"):  # a user's copies; not pte checkpoints of this run
+        (out / name).mkdir()
+        (out / name / "note.txt").write_text("mine")
+    train(load_config(None, TINY + [f"run.out_dir={out}", "run.save_every=1", "run.keep_last=2"]), progress=False)
+    assert (out / "checkpoint-best" / "note.txt").read_text() == "mine"
+    assert (out / "checkpoint-1000" / "note.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.glob("checkpoint-0*")) == ["checkpoint-000003", "checkpoint-000004"]
+
+
+def test_an_older_longer_run_is_refused_then_overwritten_and_its_checkpoints_never_delete_ours(tmp_path):
+    out = tmp_path / "run"
+    train(load_config(None, TINY + [f"run.out_dir={out}", "run.steps=6", "run.save_every=3"]), progress=False)
+    with pytest.raises(ValueError, match=r"already holds a run .*--resume .*run.overwrite=true"):
+        train(load_config(None, TINY + [f"run.out_dir={out}"]), progress=False)
+    train(load_config(None, TINY + [f"run.out_dir={out}", "run.overwrite=true"]), progress=False)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000004"]
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_second_process_is_locked_out(tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with (out / ".pte-lock").open("a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="another pte train .* is writing there"):
+            train(load_config(None, TINY + [f"run.out_dir={out}"]), progress=False)
+
+
+def test_resume_refuses_changed_cache_and_adapter_settings_and_a_finished_run_says_so(tmp_path, capsys):
+    out = tmp_path / "run"
+    last = train(load_config(None, TINY + [f"run.out_dir={out}", "run.steps=2"]), progress=False)
+    with pytest.raises(ValueError, match=r"cache.window: 4 -> 6.*cache.evict_fraction: 0.25 -> 0.5"):
+        train(load_config(None, TINY + [f"run.out_dir={out}", "cache.window=6", "cache.evict_fraction=0.5"]),
+              resume=str(out), progress=False)
+    with pytest.raises(ValueError, match=r"adapter.rank: 4 -> 8"):
+        train(load_config(None, TINY + [f"run.out_dir={out}", "adapter.rank=8", "adapter.n_global=8"]),
+              resume=str(out), progress=False)
+    again = train(load_config(None, TINY + [f"run.out_dir={out}", "run.steps=2"]), resume=str(out), progress=False)
+    assert again == json.loads(json.dumps(last)) and "the run is finished" in capsys.readouterr().err
