@@ -151,7 +151,7 @@ def eval_cli(model, out, *extra):
 
 def test_cli_writes_consistent_files(saved_model, tmp_path, capsys):
     data = eval_cli(saved_model, tmp_path, "--cache-window", "full,6")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "predictions-full.jsonl",
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "eval_state.json", "predictions-full.jsonl",
                                                            "predictions-w6.jsonl", "summary.csv", "summary.json",
                                                            "summary.md"]
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
