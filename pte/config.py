@@ -263,6 +263,8 @@ def _checked(value, tp, key: str):
         return _coerce(value, tp)
     except TypeError:
         hint = " (finite)" if isinstance(value, float) and not math.isfinite(value) else ""
+        if "string" in _describe(tp) and isinstance(value, (int, float, bool)):
+            hint = f" (quote it: '{value}')"
         raise ValueError(f"{key}={value!r}: expected {_describe(tp)}{hint}") from None
 
 
