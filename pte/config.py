@@ -265,6 +265,8 @@ def _checked(value, tp, key: str):
         hint = " (finite)" if isinstance(value, float) and not math.isfinite(value) else ""
         if "string" in _describe(tp) and isinstance(value, (int, float, bool)):
             hint = f" (quote it: '{value}')"
+        elif "string" in _describe(tp) and isinstance(value, (dict, list)):
+            hint = " (YAML reads {...} as a mapping and [...] as a list: quote the text)"
         raise ValueError(f"{key}={value!r}: expected {_describe(tp)}{hint}") from None
 
 
