@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -234,23 +235,76 @@ class Adapter:
     def metadata(self) -> dict:
         return {
             "format": "pte-adapter", "version": FORMAT_VERSION, "adapter": asdict(self.config),
-            "base_model": getattr(self.model.config, "_name_or_path", "") or "",
+            "base_model": base_model_name(self.model),
             "base_config_hash": config_hash(self.model), "model_type": self.model.config.model_type,
             "num_layers": self.model.config.num_hidden_layers,
         }
 
     def save(self, directory: str | os.PathLike, cache: dict | None = None, extra: dict | None = None) -> Path:
         """Adapter-only safetensors + JSON config (method, rank, n_g, targets, the cache policy it was trained
-        under, base model id and config hash), each written atomically (temp file, then rename)."""
+        under, base model id and config hash), each written atomically (temp file, then rename). The config also
+        goes into the safetensors header and both carry checksums, so a damaged file or a hand-edited value is
+        caught at load. Non-finite tensors are refused: they would load as a broken policy."""
         from safetensors.torch import save_file
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        meta = self.metadata() | {"cache": cache} | ({"extra": extra} if extra else {})
-        write_atomic(out / "adapter.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        bad = _non_finite(tensors)
+        if bad:
+            raise ValueError(f"refusing to save adapter {out}: {bad}; the training diverged (lower optim.lr, keep "
+                             "optim.max_grad_norm) or resume from an earlier checkpoint")
+        meta = json.loads(json.dumps(self.metadata() | {"cache": cache} | ({"extra": extra} if extra else {})))
+        meta["checksum"] = {"tensors_sha256": tensors_sha256(tensors), "config_sha256": _config_sha256(meta)}
+        header = {"format": "pt", "pte_config": json.dumps(meta, sort_keys=True)}
+        write_atomic(out / "adapter.safetensors", lambda p: save_file(tensors, str(p), metadata=header))
         write_atomic(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
         return out
+
+
+class AdapterWarning(UserWarning):
+    """A mismatch that may be intended (another base model name, an old file without checksums)."""
+
+
+def base_model_name(model) -> str:
+    """The base model's name as recorded in an adapter: a hub id, or a local directory's resolved path."""
+    name = getattr(model.config, "_name_or_path", "") or ""
+    return str(Path(name).resolve()) if name and Path(name).is_dir() else name
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """A checksum of names, dtypes, shapes and bytes, independent of the file layout."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _config_sha256(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> str:
+    bad = {k: int((~torch.isfinite(t)).sum()) for k, t in tensors.items() if t.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if not bad:
+        return ""
+    first = sorted(bad)[0]
+    return f"{len(bad)} tensor(s) hold NaN/inf values ({first}: {bad[first]} of {tensors[first].numel()})"
+
+
+def _changed_keys(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(now), key=str):
+        a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}={b!r} (saved as {a!r})")
+    return out
 
 
 def attach(model, config: AdapterConfig) -> Adapter:
@@ -262,22 +316,77 @@ def _linear_names(layer) -> set[str]:
 
 
 def read_config(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / "adapter_config.json"
+    d = Path(directory)
+    if d.is_file():
+        raise ValueError(f"adapter {directory} is a file; pass the directory holding adapter_config.json and "
+                         "adapter.safetensors")
+    if not d.exists():
+        raise FileNotFoundError(f"adapter {directory}: no such directory")
+    path = d / "adapter_config.json"
     if not path.exists():
         raise FileNotFoundError(f"{directory}: no adapter_config.json; expected a directory written by Adapter.save")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != "pte-adapter":
-        raise ValueError(f"{path}: not a pte adapter config (format={meta.get('format')!r})")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f":{exc.lineno}:{exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ValueError(f"{path}{where}: not valid JSON ({getattr(exc, 'msg', exc)}); restore the file or save the "
+                         "adapter again") from None
+    if not isinstance(meta, dict) or meta.get("format") != "pte-adapter":
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        hint = " (a PEFT adapter: pte loads its own format only)" if isinstance(meta, dict) and "peft_type" in meta else ""
+        raise ValueError(f"{path}: not a pte adapter config (format={found!r}){hint}")
+    missing = [k for k in ("version", "adapter", "model_type", "num_layers", "base_config_hash") if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: missing {missing}; the file is damaged: restore it or save the adapter again")
+    if not isinstance(meta["adapter"], dict):
+        raise ValueError(f"{path}: 'adapter' must be a JSON object of adapter settings")
     return meta
 
 
-def load(model, directory: str | os.PathLike) -> Adapter:
-    """Attach the saved adapter to ``model``; the config is checked against the model before any weight loads."""
-    from safetensors.torch import load_file
+def read_tensors(directory: str | os.PathLike, meta: dict | None = None) -> dict[str, torch.Tensor]:
+    """``adapter.safetensors``, verified: readable, matching the checksum and the config saved with it, finite.
+    Files from before checksums load with a warning."""
+    from safetensors import SafetensorError, safe_open
 
+    meta = read_config(directory) if meta is None else meta
+    path = Path(directory) / "adapter.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; the adapter directory is incomplete")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc}); it is truncated or damaged: restore it or "
+                         "use another checkpoint") from None
+    checksum = meta.get("checksum")
+    if not checksum:
+        warnings.warn(f"{directory}: no checksums (saved by an older pte); loading it unverified (save it again to "
+                      "add them)", AdapterWarning, stacklevel=3)
+    else:
+        if checksum.get("tensors_sha256") != tensors_sha256(tensors):
+            raise ValueError(f"{path}: the tensors do not match the checksum in adapter_config.json; the file was "
+                             "damaged or replaced: restore it or use another checkpoint")
+        if checksum.get("config_sha256") != _config_sha256(meta):
+            saved = json.loads(header["pte_config"]) if "pte_config" in header else {}
+            changed = _changed_keys({k: v for k, v in saved.items() if k != "checksum"},
+                                    {k: v for k, v in meta.items() if k != "checksum"})
+            what = "; ".join(changed[:5]) if changed else "its contents changed"
+            raise ValueError(f"{Path(directory) / 'adapter_config.json'} was edited after saving: {what}; the tensors "
+                             "were trained with the saved values: restore them (or save the adapter again)")
+    bad = _non_finite(tensors)
+    if bad:
+        raise ValueError(f"{path}: {bad}; the training diverged: use an earlier checkpoint")
+    return tensors
+
+
+def load(model, directory: str | os.PathLike, strict: bool = False) -> Adapter:
+    """Attach the saved adapter to ``model``; the config is checked against the model before any weight loads.
+    Another base model name is a warning (``strict=True``: an error); another architecture is an error."""
     meta = read_config(directory)
-    if meta["version"] > FORMAT_VERSION:
-        raise ValueError(f"{directory}: adapter format version {meta['version']} is newer than this pte ({FORMAT_VERSION}); upgrade pte")
+    if not isinstance(meta["version"], int) or meta["version"] > FORMAT_VERSION:
+        raise ValueError(f"{directory}: adapter format version {meta['version']!r} is newer than this pte "
+                         f"({FORMAT_VERSION}); upgrade pte")
     problems = []
     if meta["model_type"] != model.config.model_type:
         problems.append(f"model type {meta['model_type']!r} != {model.config.model_type!r}")
@@ -286,16 +395,27 @@ def load(model, directory: str | os.PathLike) -> Adapter:
     if meta["base_config_hash"] != config_hash(model):
         problems.append(f"base config hash {meta['base_config_hash']} != {config_hash(model)} (a different architecture)")
     if problems:
-        raise ValueError(f"adapter {directory} was trained for another model ({meta['base_model'] or 'unnamed'}): "
+        raise ValueError(f"adapter {directory} was trained for another model ({meta.get('base_model') or 'unnamed'}): "
                          + "; ".join(problems))
+    trained_on, here = meta.get("base_model") or "", base_model_name(model)
+    if trained_on and here and trained_on != here:
+        msg = (f"adapter {directory} was trained on {trained_on}, not {here} (same architecture, different model?)")
+        if strict:
+            raise ValueError(f"{msg}; load it with the model it was trained on, or drop --strict")
+        warnings.warn(f"{msg}; pass --strict (strict=True) to refuse", AdapterWarning, stacklevel=2)
+    tensors = read_tensors(directory, meta)
     meta["adapter"].setdefault("state_attention", "linear")  # files from before the switch used eq. 4's linear state
     known = {f.name for f in fields(AdapterConfig)}
     unknown = set(meta["adapter"]) - known
     if unknown:
         raise ValueError(f"{directory}: unknown adapter config keys {sorted(unknown)}; written by a newer pte?")
-    adapter = Adapter(model, AdapterConfig(**meta["adapter"]))
     try:
-        adapter.load_state_dict(load_file(str(Path(directory) / "adapter.safetensors")))
+        config = AdapterConfig(**meta["adapter"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{Path(directory) / 'adapter_config.json'}: {exc}") from None
+    adapter = Adapter(model, config)
+    try:
+        adapter.load_state_dict(tensors)
     except ValueError as exc:
         adapter.detach()
         raise ValueError(f"adapter {directory}: {exc}") from None

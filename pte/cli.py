@@ -1,23 +1,39 @@
-"""The ``pte`` command."""
+"""The ``pte`` command. Every user error is one line on stderr, ``pte CMD: error: ...``, naming the flag, key or
+file and the fix, with exit code 2; ``--debug`` shows the traceback instead."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
-USER_ERRORS = (ValueError, FileNotFoundError, TypeError, KeyError)
+# what a library raises on bad input; anything else is a bug and keeps its traceback
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError, RuntimeError)
+
+
+def _read_text(path: str, flag: str) -> str:
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; pass a text file")
+    if not p.exists():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{flag} {path}: not UTF-8 text (byte {exc.start + 1}); save it as UTF-8") from None
 
 
 def _generate(args) -> int:
     import torch
 
-    from pte.models import load
+    from pte.models import check_device, check_positions, load
     from pte.rollout import CacheSpec, Sampling, rollout
 
     if args.prompt_file:
-        prompt = Path(args.prompt_file).read_text()
+        prompt = _read_text(args.prompt_file, "--prompt-file")
     elif args.prompt is not None:
         prompt = args.prompt
     else:
@@ -26,13 +42,17 @@ def _generate(args) -> int:
         raise ValueError("empty prompt: pass a question with at least one token")
     cache = CacheSpec(window=args.cache_window, evict_fraction=args.evict_fraction, policy=args.policy)
     cache.validate()
+    check_device(args.device)
+    if args.adapter:
+        from pte.adapter import read_config
+
+        read_config(args.adapter)  # a bad --adapter fails before the model loads
     model, tok = load(args.model, dtype=args.dtype, device=args.device, attn=args.attn)
     adapter = None
     if args.adapter:
         from pte.adapter import load as load_adapter
-        from pte.adapter import read_config
 
-        adapter = load_adapter(model, args.adapter)
+        adapter = load_adapter(model, args.adapter, strict=args.strict)
         trained = (read_config(args.adapter).get("cache") or {}).get("window")
         if trained is not None and args.cache_window is None:
             print(f"[pte] note: adapter was trained with window {trained}; running with a full cache "
@@ -44,6 +64,7 @@ def _generate(args) -> int:
                                       return_dict=False)
     else:
         ids = tok(prompt)["input_ids"]
+    check_positions(model, len(ids), args.max_new_tokens)
     eos = set()
     for source in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
         if source is not None:
@@ -92,8 +113,10 @@ def _export(args) -> int:
 
     if not args.peft:
         raise ValueError("choose an export format: --peft")
+    if Path(args.out).is_file():
+        raise ValueError(f"--out {args.out} is a file; pass a directory")
     model, _ = load(args.model)
-    out = export_peft(load_adapter(model, args.adapter), args.out)
+    out = export_peft(load_adapter(model, args.adapter, strict=args.strict), args.out)
     print(f"[pte] wrote a PEFT LoRA adapter to {out}")
     return 0
 
@@ -114,11 +137,14 @@ def _convert_gguf(args) -> int:
 
 def _train(args) -> int:
     from pte.config import load_config
+    from pte.signals import Preempted
     from pte.train import train
 
-    from pte.signals import Preempted
-
     cfg = load_config(args.config, args.set or [])
+    if Path(cfg.run.out_dir).is_file():
+        raise ValueError(f"run.out_dir={cfg.run.out_dir!r} is a file; set run.out_dir to a directory")
+    if args.resume and not Path(args.resume).is_dir():
+        raise FileNotFoundError(f"--resume {args.resume}: no such run directory or checkpoint")
     try:
         last = train(cfg, resume=args.resume)
     except Preempted as stop:
@@ -170,36 +196,85 @@ def _eval(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
+def _int(text: str, low: int) -> int:
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= {low}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _int(text, 1)
+
+
+def _count(text: str) -> int:
+    return _int(text, 0)
+
+
+def _limit(text: str) -> int:
+    from pte.data import check_limit
+
+    try:
+        value = int(text)
+        check_limit(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a limit is an integer >= 1; leave the flag out to use "
+                                         "everything") from None
+    return value
+
+
+def _float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pte", description="Progressive Thought Encoding: reasoning under a bounded KV cache")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser = _Parser(prog="pte", description="Progressive Thought Encoding: reasoning under a bounded KV cache")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)
 
     g = sub.add_parser("generate", help="generate a completion under a bounded (or full) KV cache")
     g.add_argument("--model", required=True, help="a directory written by save_pretrained, or a hub name")
-    g.add_argument("--prompt", help="the question text")
-    g.add_argument("--prompt-file", help="read the question from this file")
+    prompt = g.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="the question text")
+    prompt.add_argument("--prompt-file", help="read the question from this file (UTF-8)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--cache-window", type=_positive_int, default=None,
                    help="thought tokens kept on top of the question (default: full cache)")
-    g.add_argument("--evict-fraction", type=float, default=0.25, help="fraction of the window evicted when full")
+    g.add_argument("--evict-fraction", type=_float, default=0.25, help="fraction of the window evicted when full")
     g.add_argument("--policy", default="sliding", help="eviction policy: sliding (paper) or keynorm")
     g.add_argument("--max-new-tokens", type=_positive_int, required=True)
-    g.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--temperature", type=_float, default=1.0, help="0 is greedy")
+    g.add_argument("--top-p", type=_float, default=1.0)
+    g.add_argument("--top-k", type=_count, default=0)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="cpu")
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     g.add_argument("--adapter", help="a trained adapter directory (its thought state updates on every eviction)")
+    g.add_argument("--strict", action="store_true", help="refuse an adapter trained on a differently named base model "
+                   "(default: a warning)")
     g.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
     g.set_defaults(func=_generate)
 
@@ -207,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["rollout", "train-memory"])
     b.add_argument("--json", required=True, help="where to write the results (a PNG plot is written beside it)")
     b.add_argument("--lengths", default=None, help="comma-separated generation lengths")
-    b.add_argument("--window", type=int, default=128)
-    b.add_argument("--batch", type=int, default=None, help="default 4 for rollout, 1 for train-memory")
+    b.add_argument("--window", type=_positive_int, default=128)
+    b.add_argument("--batch", type=_positive_int, default=None, help="default 4 for rollout, 1 for train-memory")
     b.set_defaults(func=_bench)
 
     t = sub.add_parser("train", help="cache-aware GRPO training (LoRA / LoRA_c / PTE)")
@@ -221,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--peft", action="store_true", help="PEFT's LoRA format (loads in PEFT and vLLM)")
     e.add_argument("--model", required=True, help="the base model the adapter was trained on")
     e.add_argument("--adapter", required=True)
+    e.add_argument("--strict", action="store_true", help="refuse an adapter trained on a differently named base model")
     e.add_argument("--out", required=True)
     e.set_defaults(func=_export)
 
@@ -239,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=400)
     p.add_argument("--batch", type=_positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=3e-3, help="peak of the one-cycle schedule")
-    p.add_argument("--window-fraction", type=float, default=0.0, help="share of each batch trained under the sliding "
+    p.add_argument("--lr", type=_float, default=3e-3, help="peak of the one-cycle schedule")
+    p.add_argument("--window-fraction", type=_float, default=0.0, help="share of each batch trained under the sliding "
                    "window (calibrates the model where the answer is out of reach)")
     p.add_argument("--window", type=_positive_int, default=8, help="the window of those rows (thought tokens)")
     p.add_argument("--init", help="continue from this base model directory (default: a random init)")
@@ -256,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--window", type=_positive_int, default=mdef.window)
     m.add_argument("--steps", type=_positive_int, default=mdef.steps)
     m.add_argument("--batch", type=_positive_int, default=mdef.batch)
-    m.add_argument("--lr", type=float, default=mdef.lr)
-    m.add_argument("--max-grad-norm", type=float, default=mdef.max_grad_norm, help="clip the adapter's gradient "
+    m.add_argument("--lr", type=_float, default=mdef.lr)
+    m.add_argument("--max-grad-norm", type=_float, default=mdef.max_grad_norm, help="clip the adapter's gradient "
                    "norm (0: off)")
     m.add_argument("--problems", type=_positive_int, default=mdef.eval_problems, help="held-out problems for the accuracy")
     m.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default "
@@ -280,14 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     v = sub.add_parser("eval", help="accuracy (pass@1 with 95%% CI, pass@k) under a bounded KV cache, swept over sizes",
-                       description="Writes predictions-<label>.jsonl per cache size, summary.md/.csv/.json and "
-                                   "accuracy.png to --out. With --compare DIR ..., merges earlier runs instead.")
+                       description="Writes predictions-<label>.jsonl per cache size (as it goes), summary.md/.csv/.json "
+                                   "and accuracy.png to --out. --resume continues an interrupted run; without it a "
+                                   "previous run's files in --out are replaced. With --compare DIR ..., merges earlier "
+                                   "runs instead.")
     v.add_argument("--model", help="a directory written by save_pretrained, or a hub name")
     v.add_argument("--adapter", help="a trained adapter directory")
     v.add_argument("--benchmark", help="a registered benchmark (gsm8k, math500, aime24, aime25, amc23, minerva_math, "
                    "olympiadbench), a task (long_range, copy_digit, reasoning_gym) or a JSONL/Parquet file")
     v.add_argument("--data-dir", help="where NAME/test.jsonl lives (default ../shared/data, then ./data)")
-    v.add_argument("--limit", type=int, help="first N problems (tasks: N generated with --seed, default 100)")
+    v.add_argument("--limit", type=_limit, help="first N problems, N >= 1 (tasks: N generated with --seed, default 100)")
     v.add_argument("--prompt-field", help="file benchmarks: the question field (default: problem, question or prompt)")
     v.add_argument("--answer-field", default="answer", help="file benchmarks: the gold answer field")
     v.add_argument("--answer-format", default="auto", help="file benchmarks: auto, gsm8k, boxed or plain")
@@ -296,36 +374,77 @@ def build_parser() -> argparse.ArgumentParser:
                    "with 'full' for no eviction, e.g. full,64,32 (default: full)")
     v.add_argument("--cache-budget", help="the paper's total cache per sequence, question + window (e.g. 768 = 512 + "
                    "256); window = B - the longest prompt of the set (or - --question-tokens), the same for every row")
-    v.add_argument("--question-tokens", type=int, help="with --cache-budget: reserve this many tokens for the "
+    v.add_argument("--question-tokens", type=_positive_int, help="with --cache-budget: reserve this many tokens for the "
                    "question instead of the longest prompt (the paper's Fig. 6 uses 512)")
-    v.add_argument("--evict-fraction", type=float, default=0.25, help="fraction of the window evicted when full")
+    v.add_argument("--evict-fraction", type=_float, default=0.25, help="fraction of the window evicted when full")
     v.add_argument("--policy", default="sliding", help="eviction policy: sliding (paper) or keynorm")
     v.add_argument("--n", type=_positive_int, default=1, help="samples per problem (pass@1 is their mean)")
     v.add_argument("--k", default="1", help="comma-separated k for pass@k, each <= --n (the paper's AIME: 16)")
     v.add_argument("--max-new-tokens", type=_positive_int, help="generation limit per sample")
-    v.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    v.add_argument("--top-p", type=float, default=1.0)
-    v.add_argument("--top-k", type=int, default=0)
+    v.add_argument("--temperature", type=_float, default=1.0, help="0 is greedy")
+    v.add_argument("--top-p", type=_float, default=1.0)
+    v.add_argument("--top-k", type=_count, default=0)
     v.add_argument("--stop", action="append", help="stop string (repeatable)")
     v.add_argument("--seed", type=int, default=0, help="sampling seed (and the task generator's seed)")
-    v.add_argument("--batch-size", type=int, default=16, help="samples generated together")
+    v.add_argument("--batch-size", type=_positive_int, default=16, help="samples generated together (and written "
+                   "to the predictions files together)")
     v.add_argument("--chat", action="store_true", help="wrap each question in the tokenizer's chat template")
     v.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     v.add_argument("--device", default="cpu")
     v.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     v.add_argument("--compare", nargs="+", metavar="DIR", help="merge the summary.json of earlier runs")
-    v.add_argument("--out", required=True, help="output directory")
+    v.add_argument("--strict", action="store_true", help="refuse an adapter trained on a "
+                   "differently named base model (default: a warning)")
+    v.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out with the same "
+                   "flags: complete batches are kept, the rest is sampled again (same results as one run)")
+    v.add_argument("--out", required=True, help="output directory. Predictions are appended there batch by batch; "
+                   "without --resume, a previous evaluation's files there (predictions-*.jsonl, summary.*, "
+                   "accuracy.png, eval_state.json; nothing else) are removed first")
     v.set_defaults(func=_eval)
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"missing key {exc.args[0]!r}" if exc.args else "missing key"
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = "; ".join(lines) or type(exc).__name__
+    return text if len(text) <= 600 else text[:600] + "... (--debug shows all)"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"[pte] warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except USER_ERRORS as exc:
-        print(f"pte {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (one line, already printed) or --help
+        return exc.code if isinstance(exc.code, int) else 2
+    debug = args.debug or os.environ.get("PTE_DEBUG") == "1"
+    with warnings.catch_warnings():
+        from pte.adapter import AdapterWarning
+
+        if not debug:
+            warnings.showwarning = _show_warning
+            warnings.simplefilter("always", AdapterWarning)
+        try:
+            return args.func(args)
+        except KeyboardInterrupt as exc:
+            if debug:
+                raise
+            import signal
+
+            signum = getattr(exc, "signum", signal.SIGINT)
+            print(f"pte {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+            return 128 + int(signum)
+        except USER_ERRORS as exc:
+            if debug:
+                raise
+            print(f"pte {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

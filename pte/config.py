@@ -5,13 +5,40 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from pte.adapter import AdapterConfig
+from pte.data import check_limit, check_template
 from pte.replay import STATE_GRADS
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; YAML 1.2 and every user read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str, where: str):
+    """YAML with the float fix; a syntax error names ``where`` and its line."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{where}{at}: YAML syntax error: {exc.problem or exc.context}; fix the YAML there") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{where}: not valid YAML ({exc})") from None
 
 
 @dataclass
@@ -127,6 +154,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
+        check_types(self)
         checks = [
             (self.run.steps >= 1, "run.steps", "must be >= 1"),
             (self.run.save_every >= 1, "run.save_every", "must be >= 1"),
@@ -149,6 +177,7 @@ class TrainConfig:
             (self.grpo.max_sampling_rounds >= 1, "grpo.max_sampling_rounds", "must be >= 1"),
             (self.grpo.kl_metric_every >= 0, "grpo.kl_metric_every", "must be >= 0 (0: never)"),
             (math.isfinite(self.optim.lr) and self.optim.lr > 0, "optim.lr", "must be a finite number > 0"),
+            (all(0 <= b < 1 for b in self.optim.betas), "optim.betas", "each must lie in [0, 1), e.g. [0.9, 0.999]"),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
             (0 <= self.reward.overlong_buffer < self.sampling.max_new_tokens, "reward.overlong_buffer",
              "must lie in [0, sampling.max_new_tokens)"),
@@ -164,10 +193,13 @@ class TrainConfig:
             (self.reward.timeout > 0, "reward.timeout", "must be > 0 seconds"),
             (self.data.path is not None or self.data.task is not None, "data.path", "set data.path or data.task"),
             (self.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "choose float32, bfloat16 or float16"),
+            (self.reward.workers >= 1, "reward.workers", "must be >= 1"),
         ]
         for ok, key, why in checks:
             if not ok:
                 raise ValueError(f"{key}={_lookup(self, key)!r}: {why}")
+        check_limit(self.data.limit, "data.limit")
+        check_template(self.data.template, "data.template")
         w = self.cache.window
         if not (w is None or w == "auto" or (isinstance(w, int) and not isinstance(w, bool) and w >= 1)):
             raise ValueError(f"cache.window={w!r}: an int >= 1, 'auto' (the longest question in the micro-batch) "
@@ -187,29 +219,120 @@ def _lookup(cfg, dotted: str):
     return value
 
 
-def _build(cls, data: dict, prefix: str):
+_NAMES = {int: "an integer", float: "a float", str: "a string", bool: "true or false", dict: "a mapping",
+          type(None): "null"}
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a list of {_describe(args[0]).split(' ', 1)[-1]}s"
+    if origin is tuple:
+        return f"a list of {len(args)} {_describe(args[0]).split(' ', 1)[-1]}s"
+    if origin is list:
+        return f"a list of {_describe(args[0]).split(' ', 1)[-1]}s"
+    return _NAMES.get(origin or tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value, tp):
+    """``value`` as type ``tp`` (ints widen to floats, lists become tuples), or raise TypeError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                pass
+        raise TypeError
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    if (origin or tp) is dict:
+        if isinstance(value, dict):
+            return value
+        raise TypeError
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise TypeError
+            return tuple(_coerce(v, a) for v, a in zip(value, args))
+        items = [_coerce(v, args[0]) for v in value]
+        return tuple(items) if origin is tuple else items
+    return value
+
+
+def _checked(value, tp, key: str):
+    try:
+        return _coerce(value, tp)
+    except TypeError:
+        hint = " (finite)" if isinstance(value, float) and not math.isfinite(value) else ""
+        if "string" in _describe(tp) and isinstance(value, (int, float, bool)):
+            hint = f" (quote it: '{value}')"
+        elif "string" in _describe(tp) and isinstance(value, (dict, list)):
+            hint = " (YAML reads {...} as a mapping and [...] as a list: quote the text)"
+        raise ValueError(f"{key}={value!r}: expected {_describe(tp)}{hint}") from None
+
+
+def check_types(cfg, prefix: str = "") -> None:
+    """Every field of a (nested) config dataclass against its declared type, naming the key."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_types(value, f"{prefix}{f.name}.")
+        else:
+            setattr(cfg, f.name, _checked(value, hints[f.name], f"{prefix}{f.name}"))
+
+
+def _build(cls, data, prefix: str):
     if not isinstance(data, dict):
-        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+        where = prefix.rstrip(".") or "config"
+        raise ValueError(f"{where}: expected a section (a mapping of keys), got {data!r}; write it as "
+                         f"{prefix.rstrip('.').rsplit('.', 1)[-1] or 'key'}: {{key: value, ...}}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(known)
     if unknown:
-        name = sorted(unknown)[0]
+        name = sorted(unknown, key=str)[0]
         section = prefix.rstrip(".") or "the top level"
         raise ValueError(f"unknown config key '{prefix}{name}'; known keys under {section}: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
         f = known[name]
         sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(sub):
+            if value is not None and not isinstance(value, dict):
+                _build(type(sub), value, f"{prefix}{name}.")
             merged = {k.name: getattr(sub, k.name) for k in dataclasses.fields(sub)} | (value or {})
             kwargs[name] = _build(type(sub), merged, f"{prefix}{name}.")
         else:
-            kwargs[name] = tuple(value) if isinstance(getattr(cls(), name, None), tuple) and isinstance(value, list) else value
+            kwargs[name] = _checked(value, hints[name], f"{prefix}{name}")
     return cls(**kwargs)
 
 
-def _parse_value(text: str):
-    return yaml.safe_load(text)
+def _parse_value(text: str, item: str):
+    return parse_yaml(text, f"--set {item}")
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
@@ -218,9 +341,15 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"config {path}: no such file")
-        raw = yaml.safe_load(p.read_text()) or {}
+        if p.is_dir():
+            raise ValueError(f"config {path} is a directory; pass a YAML file (see configs/)")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"config {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        raw = parse_yaml(text, str(path)) or {}
         if not isinstance(raw, dict):
-            raise ValueError(f"config {path}: the top level must be a mapping")
+            raise ValueError(f"config {path}: the top level must be a mapping of sections (model:, data:, ...)")
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=0.01")
@@ -231,7 +360,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--set {key}: {part} is not a section")
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = _parse_value(value, item)
     try:
         cfg = _build(TrainConfig, raw, "")
     except TypeError as exc:

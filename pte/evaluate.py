@@ -16,8 +16,16 @@ is the textbook interval for a binomial proportion; for ``N > 1`` it is conserva
 in [0, 1] with mean ``p`` has variance at most ``p (1 - p)``. Either way it measures uncertainty over problems,
 the population a benchmark samples, and it stays non-degenerate at 0% and 100%.
 
-**Reproducibility.** Sampling uses one generator seeded per run, so a sweep gives every cache size the same
-random stream; results are exactly repeatable for the same seed, batch size and device.
+**Reproducibility.** Each batch of samples draws from a generator seeded by (seed, batch index), so a sweep gives
+every cache size the same random stream, and a resumed run the stream it would have had; results are exactly
+repeatable for the same seed, batch size and device.
+
+**Files as they go.** ``pte eval`` appends each batch's records to ``predictions-<label>.jsonl`` (flushed and synced)
+as soon as they are scored, with its settings in ``eval_state.json``; the summaries are written atomically at the end.
+An interrupted run (SIGTERM, Ctrl-C, a crash) loses at most the batch in progress, and ``--resume`` continues it: the
+same settings are required, complete batches are kept and the rest is sampled again, so the results equal an
+uninterrupted run's. Without ``--resume`` a previous evaluation's files in ``--out`` (and only those) are removed
+before the first new one is written.
 """
 
 from __future__ import annotations
@@ -26,7 +34,10 @@ import csv
 import io
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +53,9 @@ from pte.rollout import CacheSpec, Sampling, rollout
 
 Z95 = 1.959963984540054
 TASK_PROBLEMS = 100  # problems generated for a task benchmark when --limit is not given
+STATE_FILE = "eval_state.json"
+OWN_FILES = ("summary.json", "summary.md", "summary.csv", "accuracy.png", STATE_FILE)  # plus predictions-*.jsonl
+BATCH_SEED_STRIDE = 1_000_003
 
 
 @dataclass
@@ -85,6 +99,7 @@ class Summary:
     peak_memory_bytes: int
     memory_kind: str  # cuda_max_allocated | cpu_peak_rss (the whole process, weights included)
     seconds: float  # wall time, scoring included
+    resumed: int = 0  # records read back from an interrupted run (tokens/s, memory and seconds exclude them)
 
 
 @dataclass
@@ -175,12 +190,18 @@ def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
 
 def evaluate(model, tokenizer, examples: list[Example], score, *, spec: CacheSpec, sampling: Sampling,
              n_samples: int = 1, ks=(1,), batch_size: int = 16, adapter=None, chat: bool = False,
-             progress: bool = True, seed: int = 0, budget: int | None = None, label: str | None = None) -> EvalResult:
+             progress: bool = True, seed: int = 0, budget: int | None = None, label: str | None = None,
+             predictions: str | Path | None = None, done: list[Record] = ()) -> EvalResult:
     """Sample ``n_samples`` completions of every example under ``spec`` and score them.
 
     ``score(completion, example) -> float`` (1.0 is correct). ``sampling`` carries the stop tokens (see
     :func:`eos_token_ids`). ``budget``, when the window was split from one, is checked and reported.
+    ``predictions``: a JSONL file each batch's records are appended to as soon as they are scored. ``done``: the
+    records of complete batches of an interrupted run with the same settings (see :func:`read_predictions`);
+    their samples are not drawn again.
     """
+    from pte.models import check_positions
+
     check_ks(ks, n_samples)
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: must be >= 1")
@@ -190,38 +211,57 @@ def evaluate(model, tokenizer, examples: list[Example], score, *, spec: CacheSpe
     sampling.validate()
     prompts = render_prompts(tokenizer, examples, chat)
     longest = max(map(len, prompts))
+    check_positions(model, longest, sampling.max_new_tokens, "max_new_tokens")
     if budget is not None and (spec.window is None or longest + spec.window > budget):
         raise ValueError(f"budget {budget} cannot hold the longest prompt ({longest} tokens) plus window "
                          f"{spec.window}; split it with split_budget")
+    jobs = [(i, j) for i in range(len(examples)) for j in range(n_samples)]
+    records = list(done)
+    if len(records) % batch_size and len(records) != len(jobs) or len(records) > len(jobs) or \
+            [(r.problem, r.sample) for r in records] != jobs[:len(records)]:
+        raise ValueError(f"{len(records)} earlier records do not match this run's complete batches "
+                         f"({len(jobs)} samples in batches of {batch_size}); start over without them")
     device = next(model.parameters()).device
     eos = sampling.eos_token_ids
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device)
     rollout(model, [prompts[0]], Sampling(2, temperature=0), spec, pad_token_id=pad, adapter=adapter)  # warm-up
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     else:
         reset_peak_rss()
-    label = label or ("full" if spec.window is None else f"b{budget}" if budget is not None else f"w{spec.window}")
-    jobs = [(i, j) for i in range(len(examples)) for j in range(n_samples)]
-    records, generated, gen_seconds = [], 0, 0.0
+    label = label or size_label(spec.window, budget)
+    generated, gen_seconds = 0, 0.0
     start = time.perf_counter()
     from tqdm import tqdm
 
-    with tqdm(total=len(jobs), desc=f"pte eval {label}", unit="sample", file=sys.stderr, disable=not progress) as bar:
-        for b in range(0, len(jobs), batch_size):
-            batch = jobs[b:b + batch_size]
-            res = rollout(model, [prompts[i] for i, _ in batch], sampling, spec, pad_token_id=pad,
-                          tokenizer=tokenizer, generator=gen, adapter=adapter)
-            generated, gen_seconds = generated + res.generated_tokens, gen_seconds + res.seconds
-            for (i, j), row in zip(batch, res.rows):
-                text = tokenizer.decode(row.completion_ids, skip_special_tokens=True)
-                s = float(score(text, examples[i]))
-                records.append(Record(i, j, examples[i].source, examples[i].prompt, examples[i].answer, text,
+    sink = open(predictions, "a", encoding="utf-8") if predictions is not None else None
+    try:
+        with tqdm(total=len(jobs), initial=len(records), desc=f"pte eval {label}", unit="sample", file=sys.stderr,
+                  disable=not progress) as bar:
+            for b in range(len(records), len(jobs), batch_size):
+                batch = jobs[b:b + batch_size]
+                gen.manual_seed(seed + BATCH_SEED_STRIDE * (b // batch_size))
+                res = rollout(model, [prompts[i] for i, _ in batch], sampling, spec, pad_token_id=pad,
+                              tokenizer=tokenizer, generator=gen, adapter=adapter)
+                generated, gen_seconds = generated + res.generated_tokens, gen_seconds + res.seconds
+                new = []
+                for (i, j), row in zip(batch, res.rows):
+                    text = tokenizer.decode(row.completion_ids, skip_special_tokens=True)
+                    s = float(score(text, examples[i]))
+                    new.append(Record(i, j, examples[i].source, examples[i].prompt, examples[i].answer, text,
                                       extract_answer(text), s, s >= 1.0, len(prompts[i]), len(row.completion_ids),
                                       len(row.eviction_steps), row.finish_reason))
-            bar.update(len(batch))
+                if sink is not None:
+                    sink.write("".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in new))
+                    sink.flush()
+                    os.fsync(sink.fileno())
+                records += new
+                bar.update(len(batch))
+    finally:
+        if sink is not None:
+            sink.close()
     seconds = time.perf_counter() - start
     verdicts = [[r.correct for r in records[i * n_samples:(i + 1) * n_samples]] for i in range(len(examples))]
     reasons: dict[str, int] = {}
@@ -234,11 +274,80 @@ def evaluate(model, tokenizer, examples: list[Example], score, *, spec: CacheSpe
         mean_score=sum(r.score for r in records) / len(records),
         mean_length=sum(r.length for r in records) / len(records),
         mean_evictions=sum(r.evictions for r in records) / len(records), finish_reasons=reasons,
-        generated_tokens=generated, tokens_per_s=generated / max(gen_seconds, 1e-9),
+        generated_tokens=generated + sum(r.length for r in done), tokens_per_s=generated / max(gen_seconds, 1e-9),
         peak_memory_bytes=torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes(),
-        memory_kind="cuda_max_allocated" if cuda else "cpu_peak_rss", seconds=seconds,
+        memory_kind="cuda_max_allocated" if cuda else "cpu_peak_rss", seconds=seconds, resumed=len(done),
     )
     return EvalResult(records, summary)
+
+
+def read_predictions(path: Path, batch_size: int, total: int) -> list[Record]:
+    """The complete batches of an interrupted run's predictions file; the file is cut back to them (a partial batch
+    or a half-written last line is sampled again)."""
+    if not path.exists():
+        return []
+    records, lines = [], path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(Record(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError):
+            if n == len(lines):  # the line being written when the run stopped
+                break
+            raise ValueError(f"{path}:{n}: not a prediction record; this file was not written by pte eval: remove "
+                             "it or start over without --resume") from None
+    keep = len(records) if len(records) == total else len(records) // batch_size * batch_size
+    if keep != len(lines):
+        write_text_atomic(path, "".join(lines[:keep]))
+    return records[:keep]
+
+
+def check_out(out: str | Path) -> None:
+    """``--out`` must be, or become, a writable directory: checked before anything is evaluated."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a directory (it is created if missing)")
+    parent = next((a for a in [p, *p.parents] if a.exists()), Path("."))
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file; pass a directory path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {parent} is not writable; pass a directory you can write to")
+
+
+def clear_previous(out: Path) -> list[str]:
+    """Remove a previous evaluation's files (only those pte eval writes). -> their names."""
+    if not out.is_dir():
+        return []
+    gone = sorted(p.name for p in out.iterdir() if p.is_file() and (p.name in OWN_FILES or (
+        p.name.startswith("predictions-") and p.suffix == ".jsonl")))
+    for name in gone:
+        (out / name).unlink()
+    return gone
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or Ctrl-C during ``pte eval``; the message says what was kept and how to continue."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _sigterm_raises:
+    """SIGTERM raises :class:`Interrupted` in the main thread (as Ctrl-C raises KeyboardInterrupt), so the batch
+    in progress is abandoned and everything written so far stays."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum, frame):
+                raise Interrupted("terminated", signal.SIGTERM)
+
+            self.previous = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 # -- what to evaluate ------------------------------------------------------------------------------------------------
@@ -364,11 +473,12 @@ def plot_accuracy(path: Path, lines: dict[str, list[dict]], title: str) -> None:
     plt.close(fig)
 
 
-def write_run(out: str | Path, results: list[EvalResult], config: dict) -> str:
-    """predictions-<label>.jsonl per result, then summary.json/.md/.csv and accuracy.png. -> the markdown."""
+def write_run(out: str | Path, results: list[EvalResult], config: dict, predictions: bool = True) -> str:
+    """predictions-<label>.jsonl per result (unless they were written as they went), then summary.json/.md/.csv and
+    accuracy.png. -> the markdown."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for res in results:
+    for res in results if predictions else ():
         lines = "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in res.records)
         _write_text(out / f"predictions-{res.summary.label}.jsonl", lines)
     summaries = [asdict(r.summary) for r in results]
@@ -418,9 +528,41 @@ def _task_options(items: list[str] | None) -> dict:
     return options
 
 
+RESUME_KEYS = ("model", "adapter", "benchmark", "data_dir", "limit", "prompt_field", "answer_field", "answer_format",
+               "task_option", "cache_window", "cache_budget", "question_tokens", "evict_fraction", "policy", "n", "k",
+               "max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "batch_size", "chat", "dtype",
+               "device", "attn")
+
+
+def _settings(args) -> dict:
+    """The flags a resumed run must share with the run it continues."""
+    return {key: getattr(args, key, None) for key in RESUME_KEYS}
+
+
+def _check_resume(out: Path, settings: dict) -> None:
+    state = out / STATE_FILE
+    if not state.is_file():
+        raise ValueError(f"--resume: {out} holds no evaluation to continue (no {STATE_FILE}); run without --resume")
+    try:
+        before = json.loads(state.read_text(encoding="utf-8"))["settings"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise ValueError(f"--resume: {state} is damaged; run without --resume to start over") from None
+    changed = [f"--{k.replace('_', '-')} was {before.get(k)!r}, now {v!r}" for k, v in settings.items()
+               if before.get(k) != v]
+    if changed:
+        raise ValueError(f"--resume: the flags differ from the run in {out}: {'; '.join(changed[:4])}; resume with the "
+                         "same flags, or run without --resume to start over")
+
+
+def size_label(window: int | None, budget: int | None) -> str:
+    return "full" if window is None else f"b{budget}" if budget is not None else f"w{window}"
+
+
 def run_command(args) -> str:
-    """``pte eval`` without ``--compare``: checks the cheap things first, then loads, sweeps, writes."""
-    from pte.models import load
+    """``pte eval`` without ``--compare``: checks the cheap things first (flags, ``--out``, a resume's settings), then
+    loads, sweeps and writes as it goes."""
+    from pte.data import check_limit
+    from pte.models import check_device, check_positions, load
 
     if not args.model or not args.benchmark:
         raise ValueError("pte eval needs --model and --benchmark (or --compare DIR ... to merge earlier runs)")
@@ -430,6 +572,7 @@ def run_command(args) -> str:
         raise ValueError("pass either --cache-window (thought tokens) or --cache-budget (question + window), not both")
     if args.question_tokens is not None and not args.cache_budget:
         raise ValueError("--question-tokens splits a --cache-budget; with --cache-window the whole prompt is kept")
+    check_limit(args.limit, "--limit")
     try:
         ks = tuple(int(k) for k in args.k.split(","))
     except ValueError:
@@ -438,9 +581,17 @@ def run_command(args) -> str:
     sized_by = "budget" if args.cache_budget else "window"
     sizes = parse_sizes(args.cache_budget or args.cache_window or "full",
                         "--cache-budget" if args.cache_budget else "--cache-window")
+    out = Path(args.out)
+    check_out(out)
+    settings = _settings(args)
+    resume = bool(getattr(args, "resume", False))
+    if resume:
+        _check_resume(out, settings)
+    check_device(args.device)
     examples, score = load_problems(args.benchmark, data_dir=args.data_dir, limit=args.limit, seed=args.seed,
                                     prompt_field=args.prompt_field, answer_field=args.answer_field,
                                     answer_format=args.answer_format, task_options=_task_options(args.task_option))
+    results = []
     try:
         model, tok = load(args.model, dtype=args.dtype, device=args.device, attn=args.attn)
         adapter, method = None, "base"
@@ -448,9 +599,10 @@ def run_command(args) -> str:
             from pte.adapter import load as load_adapter
             from pte.adapter import read_config
 
-            adapter = load_adapter(model, args.adapter)
+            adapter = load_adapter(model, args.adapter, strict=bool(getattr(args, "strict", False)))
             method = read_config(args.adapter)["adapter"]["method"]
         lengths = [len(p) for p in render_prompts(tok, examples, args.chat)]
+        check_positions(model, max(lengths), args.max_new_tokens)
         runs = []
         for size in sizes:
             window = size if size is None or sized_by == "window" else split_budget(size, lengths, args.question_tokens)
@@ -458,9 +610,28 @@ def run_command(args) -> str:
         sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, eos_token_ids=eos_token_ids(model, tok),
                             stop_strings=tuple(args.stop or ()))
-        results = [evaluate(model, tok, examples, score, spec=spec, sampling=sampling, n_samples=args.n, ks=ks,
-                            batch_size=args.batch_size, adapter=adapter, chat=args.chat, seed=args.seed, budget=budget)
-                   for spec, budget in runs]
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            gone = clear_previous(out)
+            if gone:
+                print(f"[pte] --out {out}: replaced a previous evaluation ({len(gone)} files); pass --resume to "
+                      "continue an interrupted one instead", file=sys.stderr)
+            write_text_atomic(out / STATE_FILE, json.dumps({"settings": settings}, indent=1))
+        total = len(examples) * args.n
+        with _sigterm_raises():
+            try:
+                for spec, budget in runs:
+                    label = size_label(spec.window, budget)
+                    path = out / f"predictions-{label}.jsonl"
+                    done = read_predictions(path, args.batch_size, total) if resume else []
+                    results.append(evaluate(model, tok, examples, score, spec=spec, sampling=sampling, n_samples=args.n,
+                                            ks=ks, batch_size=args.batch_size, adapter=adapter, chat=args.chat,
+                                            seed=args.seed, budget=budget, label=label, predictions=path, done=done))
+            except KeyboardInterrupt as exc:
+                signum = getattr(exc, "signum", signal.SIGINT)
+                saved = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in out.glob("predictions-*.jsonl"))
+                raise Interrupted(f"interrupted ({signal.Signals(signum).name}); {saved} samples are saved in {out}: "
+                                  "run the same command with --resume to continue", signum) from None
     finally:
         if isinstance(score, MathScorer):
             score.close()
@@ -472,4 +643,4 @@ def run_command(args) -> str:
                   sized_by=sized_by, question_tokens=args.question_tokens, evict_fraction=args.evict_fraction,
                   policy=args.policy, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                   task_options=_task_options(args.task_option), code_version=_code_version())
-    return write_run(args.out, results, config)
+    return write_run(out, results, config, predictions=False)

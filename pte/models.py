@@ -6,6 +6,7 @@ No weights are ever downloaded by pte itself: a hub name works only where the hu
 
 from __future__ import annotations
 
+import re
 import string
 from pathlib import Path
 
@@ -64,15 +65,77 @@ def check_family(model) -> None:
         )
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_local(name: str) -> bool:
+    """A path rather than a hub id (``org/name``): absolute, relative with ./ or ../, ~, or more than one '/'."""
+    return not _HUB_ID.match(name) or name.startswith((".", "~")) or name.count("/") > 1
+
+
+def check_device(device: str, flag: str = "--device") -> torch.device:
+    """A device this torch build can use, before any weight loads."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag} {device}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise ValueError(f"{flag} {device}: this torch build has no CUDA support (a CPU wheel); use {flag} cpu or "
+                             "install a CUDA build (make setup TORCH_PIP_ARGS=...)")
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {device}: no CUDA device is visible; use {flag} cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0..")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {device}: MPS is not available here; use {flag} cpu")
+    return dev
+
+
+def check_positions(model, prompt_tokens: int, max_new_tokens: int, flag: str = "--max-new-tokens") -> None:
+    """Refuse, before generating, a prompt plus completion the model has no positions for (the last sampled token
+    is never fed, so ``prompt + max_new_tokens - 1`` positions are used)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    if prompt_tokens > limit:
+        raise ValueError(f"a prompt of {prompt_tokens} tokens is longer than the model's maximum ({limit} positions, "
+                         "max_position_embeddings); shorten it")
+    if prompt_tokens + max_new_tokens - 1 > limit:
+        raise ValueError(f"{flag} {max_new_tokens}: a {prompt_tokens}-token prompt plus {max_new_tokens} new tokens "
+                         f"needs {prompt_tokens + max_new_tokens - 1} positions, more than the model's {limit} "
+                         f"(max_position_embeddings); lower {flag} to {limit - prompt_tokens + 1} or less")
+
+
 def load(name_or_path: str, *, dtype: str = "auto", device: str = "cpu", attn: str = "sdpa"):
     """-> (model, tokenizer). ``name_or_path``: a directory saved with ``save_pretrained`` or a hub name."""
-    local = Path(name_or_path)
+    check_device(device)
+    local = Path(name_or_path).expanduser()
+    if local.is_file():
+        raise ValueError(f"model {name_or_path} is a file; pass the directory written by save_pretrained (the one "
+                         "holding config.json)")
     if local.exists() and not (local / "config.json").exists():
         raise FileNotFoundError(f"{name_or_path}: no config.json there; expected a directory written by save_pretrained")
+    if not local.exists() and looks_local(name_or_path):
+        raise FileNotFoundError(f"model {name_or_path}: no such directory; pass a directory written by "
+                                "save_pretrained (or a hub name such as Qwen/Qwen2.5-0.5B where the hub is reachable)")
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn)
+    source = str(local) if local.exists() else name_or_path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn)
+    except Exception as exc:  # transformers raises OSError, ValueError, safetensors' own error type, ...
+        if not local.exists():
+            raise ValueError(f"model {name_or_path}: not a local directory and not loadable from the hub "
+                             f"({_first_line(exc)}); pass a directory written by save_pretrained") from None
+        raise ValueError(f"model {name_or_path}: could not read its weights ({type(exc).__name__}: {_first_line(exc)}); "
+                         "the files are damaged or incomplete: save or copy the model again") from None
     check_family(model)
-    return model.to(device).eval(), load_tokenizer(name_or_path)
+    return model.to(device).eval(), load_tokenizer(source)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
 
 
 def load_tokenizer(name_or_path: str):

@@ -1,17 +1,25 @@
 """Rewards: answer extraction and math verification that can neither hang nor crash training.
 
-``math-verify`` is the grader (gold first: ``verify(parse(gold), parse(pred))``). Its own timeouts use
-``signal.alarm``, which works only in a process's main thread, so grading runs in a pool of child processes,
-each task in the child's main thread, with our own wall-clock timeout on top: a task that overruns scores 0, is
-counted, and its pool is replaced. A task that raises scores 0 and is counted too. Nothing is swallowed silently:
-the counts go to the training logs.
+``math-verify`` is the grader (gold first: ``verify(parse(gold), parse(pred))``). Grading runs in a pool of child
+processes, each task in the child's main thread, under one timeout (``reward.timeout`` seconds per grade):
+
+- the worker arms a ``SIGALRM`` timer for the whole grade and turns math-verify's own per-call timeouts off (they
+  share that one timer, and math-verify turns its timeouts into a silent ``False``, so a hung grade scored 0
+  without being counted);
+- the parent waits ``GRACE`` seconds more, for native code that no signal interrupts, then replaces the pool.
+
+Either way the grade scores 0 and counts as a timeout. A task that raises scores 0 and counts as an error.
+Nothing is swallowed silently: the counts go to the training logs.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import re
+import signal
 from dataclasses import dataclass
+
+GRACE = 2.0  # seconds the parent waits past the worker's own deadline
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
@@ -47,17 +55,48 @@ def _verify(pred: str, gold: str) -> float:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     config = [LatexExtractionConfig(), ExprExtractionConfig()]
-    gold_parsed = parse(gold if "$" in gold or "\\" in gold else f"${gold}$", extraction_config=config)
+    off = dict(parsing_timeout=None)  # the worker's own deadline covers the whole grade (see the module docstring)
+    gold_parsed = parse(gold if "$" in gold or "\\" in gold else f"${gold}$", extraction_config=config, **off)
     answer = extract_answer(pred)
     if answer is None or not gold_parsed:
         return 0.0
-    pred_parsed = parse(f"${answer}$", extraction_config=config) or parse(answer, extraction_config=config)
-    return 1.0 if pred_parsed and verify(gold_parsed, pred_parsed) else 0.0
+    pred_parsed = parse(f"${answer}$", extraction_config=config, **off) or parse(answer, extraction_config=config, **off)
+    return 1.0 if pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None) else 0.0
+
+
+class GradeTimeout(BaseException):
+    """Raised by the worker's timer. A BaseException, so math-verify's ``except Exception`` cannot swallow it."""
+
+
+def _on_alarm(signum, frame):
+    raise GradeTimeout
+
+
+def timed_grade(fn, pred: str, gold: str, timeout: float) -> tuple[str, float]:
+    """Run ``fn(pred, gold)`` under a ``timeout``-second timer (main thread only). -> ("ok" | "timeout" |
+    "error", score)."""
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            return "ok", float(fn(pred, gold))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # disarmed before any handler below runs
+    except GradeTimeout:
+        return "timeout", 0.0
+    except Exception:  # a grader crash on a pathological answer scores 0 and is counted
+        return "error", 0.0
+    finally:
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _ready(_: int) -> bool:
+    import logging
+
     import math_verify  # noqa: F401  (the import is what a cold worker spends its first seconds on)
 
+    # math-verify warns once that its timeouts are off; they are, on purpose, and timeouts are counted instead
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
     return True
 
 
@@ -69,7 +108,7 @@ class GradeStats:
 
 
 class MathGrader:
-    """Grades (prediction, gold) pairs in child processes with a per-task timeout (seconds)."""
+    """Grades (prediction, gold) pairs in child processes, ``timeout`` seconds per grade (see the module docstring)."""
 
     def __init__(self, workers: int = 2, timeout: float = 10.0):
         if timeout <= 0:
@@ -96,18 +135,18 @@ class MathGrader:
         if len(preds) != len(golds):
             raise ValueError(f"{len(preds)} predictions for {len(golds)} gold answers")
         pool = self._ensure_pool()
-        jobs = [pool.apply_async(self._fn, (p, g)) for p, g in zip(preds, golds)]
+        jobs = [pool.apply_async(timed_grade, (self._fn, p, g, self.timeout)) for p, g in zip(preds, golds)]
         scores, stuck = [], False
         for job in jobs:
             try:
-                scores.append(float(job.get(timeout=self.timeout)))
+                status, score = job.get(timeout=self.timeout + GRACE)
             except mp.TimeoutError:
-                scores.append(0.0)
-                self.stats.timeouts += 1
-                stuck = True
-            except Exception:  # a grader crash on a pathological answer scores 0 and is counted
-                scores.append(0.0)
-                self.stats.errors += 1
+                status, score, stuck = "timeout", 0.0, True
+            except Exception:  # the task could not even be sent or returned
+                status, score = "error", 0.0
+            scores.append(score)
+            self.stats.timeouts += status == "timeout"
+            self.stats.errors += status == "error"
         self.stats.graded += len(preds)
         if stuck:
             self._reset_pool()

@@ -10,3 +10,12 @@ def slow_grade(pred, gold):
 
 def crashing_grade(pred, gold):
     raise RecursionError("pathological answer")
+
+
+def deaf_grade(pred, gold):
+    """Hangs with SIGALRM blocked, as native code that never returns to the interpreter would."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+    time.sleep(60)
+    return 1.0

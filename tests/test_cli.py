@@ -54,7 +54,7 @@ def test_generate_seeded_sampling_and_prompt_file(saved_model, capsys, tmp_path)
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--cache-window", "0"], "set window >= 1"),
+        (["--cache-window", "0"], "--cache-window: 0: must be >= 1"),
         (["--evict-fraction", "1.5"], r"must lie in \(0, 1\]"),
         (["--policy", "lru"], "unknown eviction policy 'lru'"),
         (["--prompt", "   "], "empty prompt"),

@@ -151,7 +151,7 @@ def eval_cli(model, out, *extra):
 
 def test_cli_writes_consistent_files(saved_model, tmp_path, capsys):
     data = eval_cli(saved_model, tmp_path, "--cache-window", "full,6")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "predictions-full.jsonl",
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "eval_state.json", "predictions-full.jsonl",
                                                            "predictions-w6.jsonl", "summary.csv", "summary.json",
                                                            "summary.md"]
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
@@ -257,3 +257,100 @@ def test_interval_is_exact_at_the_ends_and_the_plot_accepts_them(tmp_path):
              "ci_high": wilson_interval(p, 200)[1]} for lb, w, p in (("full", None, 1.0), ("w8", 8, 0.0))]
     plot_accuracy(tmp_path / "a.png", {"run": runs}, "edges")
     assert (tmp_path / "a.png").stat().st_size > 0
+
+
+# -- predictions as they go, --resume -----------------------------------------------------------------------------------
+STABLE = ("label", "window", "budget", "question_tokens", "problems", "samples", "pass1", "ci_low", "ci_high",
+          "pass_at_k", "mean_score", "mean_length", "mean_evictions", "finish_reasons", "generated_tokens")
+
+
+def resume_args(model, out, *extra):
+    return ["eval", "--model", str(model), "--benchmark", "long_range", "--limit", "5", "--n", "2", "--k", "1,2",
+            "--max-new-tokens", "30", "--cache-window", "full,6", "--batch-size", "3", "--out", str(out), *extra]
+
+
+def predictions(out):
+    return {p.name: [json.loads(line) for line in p.open()] for p in sorted(out.glob("predictions-*.jsonl"))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(saved_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    assert main(resume_args(saved_model, out)) == 0
+    return json.loads((out / "summary.json").read_text()), predictions(out)
+
+
+@pytest.mark.parametrize("how,signum", [("ctrl-c", 2), ("sigterm", 15)])
+def test_an_interrupted_eval_keeps_complete_batches_and_resumes_to_the_same_result(
+        saved_model, uninterrupted, tmp_path, monkeypatch, capsys, how, signum):
+    import os
+    import signal
+
+    summary, records = uninterrupted
+    calls = {"n": 0}
+    score = LongRange.score
+
+    def stop_at_the_eighth(self, completion, example):
+        calls["n"] += 1
+        if calls["n"] == 8:  # inside the full run's third batch (samples 7-9): two batches are saved
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise KeyboardInterrupt
+        return score(self, completion, example)
+
+    monkeypatch.setattr(LongRange, "score", stop_at_the_eighth)
+    assert main(resume_args(saved_model, tmp_path)) == 128 + signum
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"pte eval: interrupted ({signal.Signals(signum).name}); 6 samples are saved in {tmp_path}: run the " \
+                  "same command with --resume to continue"
+    assert predictions(tmp_path) == {"predictions-full.jsonl": records["predictions-full.jsonl"][:6]}
+    assert not (tmp_path / "summary.json").exists()
+    monkeypatch.setattr(LongRange, "score", score)
+    assert main(resume_args(saved_model, tmp_path, "--resume")) == 0
+    assert predictions(tmp_path) == records
+    got = json.loads((tmp_path / "summary.json").read_text())
+    assert [{k: s[k] for k in STABLE} for s in got["runs"]] == [{k: s[k] for k in STABLE} for s in summary["runs"]]
+    assert [s["resumed"] for s in got["runs"]] == [6, 0]
+
+
+def test_a_half_written_batch_is_sampled_again(saved_model, uninterrupted, tmp_path):
+    summary, records = uninterrupted
+    assert main(resume_args(saved_model, tmp_path)) == 0
+    f = tmp_path / "predictions-w6.jsonl"
+    lines = f.read_text().splitlines(keepends=True)
+    f.write_text("".join(lines[:4]) + lines[4][:25])  # one batch, one record of the next, half a line
+    (tmp_path / "summary.json").unlink()
+    assert main(resume_args(saved_model, tmp_path, "--resume")) == 0
+    assert predictions(tmp_path) == records
+    assert [s["resumed"] for s in json.loads((tmp_path / "summary.json").read_text())["runs"]] == [10, 3]
+
+
+def test_resume_refuses_other_flags_and_a_fresh_run_replaces_only_its_own_files(saved_model, tmp_path, capsys):
+    assert main(resume_args(saved_model, tmp_path, "--resume")) == 2
+    assert "holds no evaluation to continue (no eval_state.json); run without --resume" in capsys.readouterr().err
+    assert main(resume_args(saved_model, tmp_path)) == 0
+    assert main(resume_args(saved_model, tmp_path, "--resume", "--seed", "4")) == 2
+    assert "--resume: the flags differ from the run in" in capsys.readouterr().err
+    (tmp_path / "predictions-w99.jsonl").write_text("{}\n")
+    (tmp_path / "notes.txt").write_text("mine")
+    argv = resume_args(saved_model, tmp_path)
+    argv[argv.index("full,6") ] = "6"
+    assert main(argv) == 0
+    assert "replaced a previous evaluation (8 files)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "eval_state.json", "notes.txt",
+                                                           "predictions-w6.jsonl", "summary.csv", "summary.json",
+                                                           "summary.md"]
+
+
+def test_out_is_checked_before_the_model_loads(saved_model, tmp_path, monkeypatch, capsys):
+    import pte.models
+
+    monkeypatch.setattr(pte.models, "load", lambda *a, **k: pytest.fail("model loaded"))
+    f = tmp_path / "taken"
+    f.write_text("x")
+    assert main(resume_args(saved_model, f)) == 2
+    assert capsys.readouterr().err.strip() == f"pte eval: error: --out {f} is a file; pass a directory (it is created " \
+                                              "if missing)"
+    assert main(resume_args(saved_model, f / "sub")) == 2
+    assert f"{f} is a file" in capsys.readouterr().err and f.read_text() == "x"

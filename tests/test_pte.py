@@ -359,7 +359,12 @@ def test_loading_for_another_model_or_rank_fails_clearly(tmp_path):
     meta = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     meta["adapter"]["rank"] = 8
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"shapes .*file \(4, .*vs model \(8, "):
+    with pytest.raises(ValueError, match=r"edited after saving: adapter\.rank=8 \(saved as 4\)"):
+        load(tiny_model("qwen2", init_std=0.2, seed=4), tmp_path / "ad")
+    del meta["checksum"]  # a file from before checksums: the shapes still catch it
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="no checksums"), \
+            pytest.raises(ValueError, match=r"shapes .*file \(4, .*vs model \(8, "):
         load(tiny_model("qwen2", init_std=0.2, seed=4), tmp_path / "ad")
 
 
