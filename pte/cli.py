@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from pte.eviction import POLICIES
+
 USER_ERRORS = (ValueError, FileNotFoundError, TypeError, KeyError)
 
 
@@ -170,6 +172,9 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
 
 
+POLICY_HELP = f"eviction policy, one of {', '.join(POLICIES)} (sliding: the paper's)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pte", description="Progressive Thought Encoding: reasoning under a bounded KV cache")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-window", type=_positive_int, default=None,
                    help="thought tokens kept on top of the question (default: full cache)")
     g.add_argument("--evict-fraction", type=float, default=0.25, help="fraction of the window evicted when full")
-    g.add_argument("--policy", default="sliding", help="eviction policy: sliding (paper) or keynorm")
+    g.add_argument("--policy", default="sliding", help=POLICY_HELP)
     g.add_argument("--max-new-tokens", type=_positive_int, required=True)
     g.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -292,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--question-tokens", type=int, help="with --cache-budget: reserve this many tokens for the "
                    "question instead of the longest prompt (the paper's Fig. 6 uses 512)")
     v.add_argument("--evict-fraction", type=float, default=0.25, help="fraction of the window evicted when full")
-    v.add_argument("--policy", default="sliding", help="eviction policy: sliding (paper) or keynorm")
+    v.add_argument("--policy", default="sliding", help=POLICY_HELP)
     v.add_argument("--n", type=_positive_int, default=1, help="samples per problem (pass@1 is their mean)")
     v.add_argument("--k", default="1", help="comma-separated k for pass@k, each <= --n (the paper's AIME: 16)")
     v.add_argument("--max-new-tokens", type=_positive_int, help="generation limit per sample")
