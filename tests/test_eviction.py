@@ -282,3 +282,48 @@ def test_score_policies_need_the_models_queries():
     dec.prefill(ids, pmask)
     with pytest.raises(RuntimeError, match="build the cache with BoundedCache.for_model"):
         dec.step(torch.tensor(completions(1)))
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    from pte.models import char_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    tok = char_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok), init_std=0.2, seed=2, max_positions=256, layers=3)
+    with torch.no_grad():  # <pad>/<eos>/<bos> never win: every completion runs to the limit
+        model.lm_head.weight[:3] = 0
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, model, tok
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_cli_generate_and_eval_run_each_policy(saved_model, capsys, tmp_path, name):
+    """``pte generate --policy`` gives the engine's tokens under that policy; ``pte eval --policy`` records it."""
+    import json
+
+    from pte.cli import main
+
+    path, model, tok = saved_model
+    assert main(["generate", "--model", str(path), "--prompt", "Q: 12+7=?", "--cache-window", "6",
+                 "--max-new-tokens", "30", "--temperature", "0", "--policy", name, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ids = tok("Q: 12+7=?")["input_ids"]
+    ref = rollout(model, [ids], Sampling(max_new_tokens=30, temperature=0, eos_token_ids=(tok.eos_token_id,)),
+                  CacheSpec(window=6, policy=name)).rows[0]
+    assert out["completion_ids"] == ref.completion_ids and out["evictions"] == len(ref.eviction_steps) > 0
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"problem": "Q: 1+1=?", "answer": "2"}) + "\n")
+    assert main(["eval", "--model", str(path), "--benchmark", str(data), "--cache-window", "6", "--max-new-tokens",
+                 "20", "--temperature", "0", "--policy", name, "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["config"]["policy"] == name
+
+
+def test_cli_unknown_policy_names_the_choices(saved_model, capsys, tmp_path):
+    from pte.cli import main
+
+    path = saved_model[0]
+    for cmd in (["generate", "--prompt", "hi"], ["eval", "--benchmark", "long_range", "--out", str(tmp_path)]):
+        assert main([cmd[0], "--model", str(path), *cmd[1:], "--max-new-tokens", "4", "--policy", "lru"]) == 2
+        assert "unknown eviction policy 'lru'; choose one of ['h2o', 'keynorm'" in capsys.readouterr().err
