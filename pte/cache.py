@@ -52,7 +52,8 @@ def sliding_eviction_steps(n_fed: int, window: int | None, evict_fraction: float
 
 @dataclass
 class EvictionEvent:
-    """What one eviction removed. Lists are per layer."""
+    """What one eviction removed. Lists are per layer; ``n_evict`` may differ by layer (zero included) under
+    per-layer budgets."""
 
     step: int  # thought tokens fed before this eviction: the index of the completion token about to be fed
     keys: list[torch.Tensor]  # [batch, kv_heads, n_evict, head_dim], RoPE applied (as cached)
