@@ -16,11 +16,19 @@ physical indices (:meth:`BoundedCache.attention_mask`); a longer logical mask (w
 too, because the prompt, where all pads sit, is a prefix of both.
 
 Each eviction hands every layer's evicted keys/values, with their positions, to the listeners.
+
+Policies (:mod:`pte.eviction`) choose what leaves; the schedule stays the sliding window's for all of them. A
+policy may cut a different count per layer (PyramidKV), so layers may hold different numbers of thought tokens;
+layer 0 holds the most. transformers builds one attention mask, sized by layer 0, and a hook on every attention
+module (installed by :meth:`BoundedCache.for_model`) hands each layer its own columns of it: the prompt's, its
+thought tokens' and the incoming ones'. The same hook records each layer's post-RoPE queries for the policies that
+score with attention.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +52,8 @@ def sliding_eviction_steps(n_fed: int, window: int | None, evict_fraction: float
 
 @dataclass
 class EvictionEvent:
-    """What one eviction removed. Lists are per layer."""
+    """What one eviction removed. Lists are per layer; ``n_evict`` may differ by layer (zero included) under
+    per-layer budgets."""
 
     step: int  # thought tokens fed before this eviction: the index of the completion token about to be fed
     keys: list[torch.Tensor]  # [batch, kv_heads, n_evict, head_dim], RoPE applied (as cached)
@@ -78,6 +87,7 @@ class BoundedLayer(DynamicLayer):
         self.cache = cache
         self.layer_idx = layer_idx
         self.seen = 0
+        self.queries: tuple[torch.Tensor, float] | None = None  # this forward's post-RoPE queries, scaling
 
     # transformers' layer code reads and assigns .keys/.values; they are views of the buffers' used part
     keys = property(lambda self: None if self._k is None else self._k[:, :, :self._len])
@@ -123,10 +133,19 @@ class BoundedLayer(DynamicLayer):
             self._v[:, :, used:used + n] = value_states
             self._pos[:, used:used + n] = incoming
             self._len = used + n
+        if self.seen > 0 and self.cache.policy.needs_queries:  # a thought forward
+            self._observe()
         self.seen += n
         if self.layer_idx == len(self.cache.layers) - 1:
             self.cache._note_peak()
         return self.keys, self.values
+
+    def _observe(self) -> None:
+        if self.queries is None:
+            raise RuntimeError(f"eviction policy {self.cache.policy.name!r} scores with the layers' queries; build the "
+                               "cache with BoundedCache.for_model(model, ...), which records them")
+        (queries, scaling), self.queries = self.queries, None
+        self.cache.policy.observe(self.layer_idx, queries, self.keys.detach(), self.cache.prompt_mask, scaling)
 
     def _needs_autograd(self) -> bool:
         """Under grad, never write in place: even keys that need no grad (no adapter on k_proj) are saved by the
@@ -140,7 +159,7 @@ class BoundedLayer(DynamicLayer):
         capacity = 0 if self._k is None else self._k.shape[-2]
         if need <= capacity:
             return
-        limit = self.cache.capacity_limit(need)
+        limit = self.cache.capacity_limit(need, self.layer_idx)
         new_cap = min(limit, need + self.GROW) if limit is not None else need + self.GROW
         b, h, _, d = like.shape
         k = like.new_empty(b, h, new_cap, d)
@@ -229,6 +248,7 @@ class BoundedCache(Cache):
         self.evict_fraction = evict_fraction
         self.n_evict = None if window is None else n_evict_for(window, evict_fraction)
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.policy.bind(num_layers, window, self.n_evict)
         self.listeners = list(listeners)
         self.prompt_len: int | None = None
         self.prompt_mask: torch.Tensor | None = None  # [batch, prompt_len] bool, False at pads
@@ -240,6 +260,8 @@ class BoundedCache(Cache):
 
     @classmethod
     def for_model(cls, model, **kwargs) -> "BoundedCache":
+        """A cache for ``model``; installs (once) the attention hooks that per-layer budgets and scores need."""
+        _install_attention_hooks(model)
         return cls(model.config.num_hidden_layers, **kwargs)
 
     # -- lengths ------------------------------------------------------------------------------------------
@@ -248,8 +270,13 @@ class BoundedCache(Cache):
 
     @property
     def thought_tokens(self) -> int:
-        """Thought tokens currently held (the same in every layer and row)."""
+        """Thought tokens layer 0 holds (every row alike; every layer alike but under per-layer budgets)."""
         return 0 if self.prompt_len is None else self.physical_length() - self.prompt_len
+
+    @property
+    def scheduled_tokens(self) -> int:
+        """Thought tokens the sliding window would hold now: the eviction schedule every policy follows."""
+        return 0 if self.prompt_len is None else self.layers[0].seen - self.prompt_len - self.evictions * self.n_evict
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].physical_length()
@@ -258,11 +285,11 @@ class BoundedCache(Cache):
         """Bytes allocated for keys and values (buffers included, not just the used part)."""
         return sum(layer.allocated_bytes() for layer in self.layers)
 
-    def capacity_limit(self, need: int) -> int | None:
-        """The most tokens a layer will ever hold (prompt + window), or None for a full cache."""
+    def capacity_limit(self, need: int, layer_idx: int = 0) -> int | None:
+        """The most tokens a layer will ever hold (prompt + its window), or None for a full cache."""
         if self.window is None or self.prompt_len is None:
             return None if self.window is None else need  # the prompt forward: exactly the prompt, for now
-        return max(need, self.prompt_len + self.window)
+        return max(need, self.prompt_len + self.policy.layer_window(layer_idx))
 
     def _note_peak(self) -> None:
         self.peak_tokens = max(self.peak_tokens, self.physical_length())
@@ -291,18 +318,21 @@ class BoundedCache(Cache):
     def evict_if_full(self, n_incoming: int) -> EvictionEvent | None:
         if self.window is None:
             return None
-        held = self.thought_tokens
-        event = self._evict() if held >= self.window else None
-        if self.thought_tokens + n_incoming > self.window:
+        event = self._evict() if self.scheduled_tokens >= self.window else None
+        held = self.scheduled_tokens
+        if held + n_incoming > self.window:
             raise RuntimeError(
                 f"a forward of {n_incoming} thought tokens would cross an eviction: the window holds "
-                f"{self.thought_tokens}/{self.window}; feed at most {self.window - self.thought_tokens} tokens "
+                f"{held}/{self.window}; feed at most {self.window - held} tokens "
                 "before the next eviction (split the forward at the eviction boundary)"
             )
         return event
 
     def _evict(self) -> EvictionEvent:
-        parts = [layer.evict(self.prompt_len, self.n_evict, self.policy) for layer in self.layers]
+        parts = []
+        for layer in self.layers:
+            n = self.policy.n_evict(layer.layer_idx, layer.physical_length() - self.prompt_len)
+            parts.append(layer.evict(self.prompt_len, n, self.policy))
         keys, values, positions, indices = (list(x) for x in zip(*parts))
         step = self.layers[0].seen - self.prompt_len
         event = EvictionEvent(step, keys, values, positions, indices if self.policy.records_indices else None)
@@ -322,6 +352,7 @@ class BoundedCache(Cache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep rows ``indices`` (drops finished rows together with their cache)."""
         super().batch_select_indices(indices)
+        self.policy.select_rows(indices)
         if self.prompt_mask is not None:
             self.prompt_mask = self.prompt_mask[indices]
             self.has_padding = not bool(self.prompt_mask.all())
@@ -355,3 +386,58 @@ class BoundedCache(Cache):
             return None
 
         return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _install_attention_hooks(model) -> None:
+    """Hook every attention module once; the hooks act only in forwards that pass a :class:`BoundedCache`."""
+    for module in model.modules():
+        if hasattr(module, "q_proj") and hasattr(module, "layer_idx") and not getattr(module, "_pte_hooked", False):
+            module.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True)
+            module.register_forward_hook(_attention_post_hook)
+            module._pte_hooked = True
+            module._pte_sink = None
+
+
+def _attention_pre_hook(attn, args, kwargs):
+    """Before a layer's attention: hand it its own mask columns, and arm the query recorder if the policy scores.
+
+    Queries are recorded from the module that emits them (``q_norm`` where the family has one, else ``q_proj``,
+    looked up per forward so an adapter swapped in is the one hooked) and rotated with this forward's RoPE
+    tables: the model computes them anyway, and a transformers Cache never receives them."""
+    attn._pte_sink = None
+    cache = kwargs.get("past_key_values")
+    if not isinstance(cache, BoundedCache) or cache.prompt_len is None:
+        return None
+    layer = cache.layers[attn.layer_idx]
+    if cache.policy.needs_queries and layer.seen > 0:
+        source = attn.q_norm if hasattr(attn, "q_norm") else attn.q_proj
+        if not getattr(source, "_pte_query_hook", False):
+            source.register_forward_hook(lambda mod, inp, out, attn=attn: _record_queries(attn, out))
+            source._pte_query_hook = True
+        attn._pte_sink = (layer, kwargs["position_embeddings"])
+    mask = kwargs.get("attention_mask")
+    n = kwargs["hidden_states"].shape[1]
+    own = layer.physical_length() + n
+    if mask is None or mask.shape[-1] == own:
+        return None
+    longest = mask.shape[-1] - n
+    if layer.physical_length() > longest:
+        raise RuntimeError(f"BoundedCache: layer {attn.layer_idx} holds more tokens than layer 0; a policy's "
+                           "per-layer budgets must not increase with depth")
+    kwargs["attention_mask"] = torch.cat([mask[..., :layer.physical_length()], mask[..., longest:]], dim=-1)
+    return args, kwargs
+
+
+def _attention_post_hook(attn, args, output):
+    attn._pte_sink = None
+
+
+def _record_queries(attn, output: torch.Tensor) -> None:
+    """output: [batch, n, heads * head_dim] (q_proj) or [batch, n, heads, head_dim] (q_norm)."""
+    if attn._pte_sink is None:
+        return
+    layer, (cos, sin) = attn._pte_sink
+    b, n = output.shape[:2]
+    q = output.detach().reshape(b, n, -1, attn.head_dim).transpose(1, 2)  # [batch, heads, n, head_dim]
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    layer.queries = (rope(q, q, cos, sin)[0], attn.scaling)

@@ -10,6 +10,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from pte.eviction import POLICIES
+
 # what a library raises on bad input; anything else is a bug and keeps its traceback
 USER_ERRORS = (ValueError, TypeError, KeyError, OSError, RuntimeError)
 
@@ -245,6 +247,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+POLICY_HELP = f"eviction policy, one of {', '.join(POLICIES)} (sliding: the paper's)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -262,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-window", type=_positive_int, default=None,
                    help="thought tokens kept on top of the question (default: full cache)")
     g.add_argument("--evict-fraction", type=_float, default=0.25, help="fraction of the window evicted when full")
-    g.add_argument("--policy", default="sliding", help="eviction policy: sliding (paper) or keynorm")
+    g.add_argument("--policy", default="sliding", help=POLICY_HELP)
     g.add_argument("--max-new-tokens", type=_positive_int, required=True)
     g.add_argument("--temperature", type=_float, default=1.0, help="0 is greedy")
     g.add_argument("--top-p", type=_float, default=1.0)
@@ -377,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--question-tokens", type=_positive_int, help="with --cache-budget: reserve this many tokens for the "
                    "question instead of the longest prompt (the paper's Fig. 6 uses 512)")
     v.add_argument("--evict-fraction", type=_float, default=0.25, help="fraction of the window evicted when full")
-    v.add_argument("--policy", default="sliding", help="eviction policy: sliding (paper) or keynorm")
+    v.add_argument("--policy", default="sliding", help=POLICY_HELP)
     v.add_argument("--n", type=_positive_int, default=1, help="samples per problem (pass@1 is their mean)")
     v.add_argument("--k", default="1", help="comma-separated k for pass@k, each <= --n (the paper's AIME: 16)")
     v.add_argument("--max-new-tokens", type=_positive_int, help="generation limit per sample")

@@ -578,6 +578,7 @@ def run_command(args) -> str:
     except ValueError:
         raise ValueError(f"--k {args.k}: expected comma-separated integers, e.g. 1,4,16") from None
     check_ks(ks, args.n)
+    CacheSpec(None, args.evict_fraction, args.policy).validate()  # an unknown policy, before the model loads
     sized_by = "budget" if args.cache_budget else "window"
     sizes = parse_sizes(args.cache_budget or args.cache_window or "full",
                         "--cache-budget" if args.cache_budget else "--cache-window")

@@ -61,18 +61,6 @@ def segment_bounds(rows: list[RolloutRow]) -> list[int]:
     return steps
 
 
-def _recorded_policy(rows: list[RolloutRow], n_events: int) -> Recorded:
-    """Per event and layer, ``[batch, n_evict]`` indices; rows that had finished evict their oldest tokens."""
-    example = next(r.evicted_indices[0] for r in rows if r.evicted_indices)  # [layers, n_evict]
-    filler = torch.arange(example.shape[1]).expand_as(example)
-    events = []
-    for k in range(n_events):
-        per_row = [r.evicted_indices[k] if k < len(r.evicted_indices) else filler for r in rows]
-        stacked = torch.stack(per_row, dim=1)  # [layers, batch, n_evict]
-        events.append(list(stacked.unbind(0)))
-    return Recorded(events)
-
-
 def replay(
     model,
     rows: list[RolloutRow],
@@ -119,7 +107,8 @@ def replay(
         with torch.set_grad_enabled(grad):
             exact = truncate and state_grad == "history"
             state = adapter.new_state(batch, exact_history=exact) if adapter is not None else None
-            policy = _recorded_policy(rows, len(starts)) if any(r.evicted_indices for r in rows) else None
+            policy = (Recorded.from_rows(rows, len(starts), cache_spec.policy)
+                      if any(r.evicted_indices for r in rows) else None)
             cache = cache_spec.build(model, (state,) if state is not None else (), policy=policy)
             dec = Decoder(model, cache)
             pending = []  # untruncated: the losses, backward once at the end

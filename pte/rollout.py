@@ -65,7 +65,8 @@ class RolloutRow:
     window: int | None
     eviction_steps: list[int]  # completion indices c whose feeding forward was preceded by an eviction
     finish_reason: str  # "eos" | "stop" | "length"
-    evicted_indices: list[torch.Tensor] = field(default_factory=list)  # per eviction: [layers, n_evict] (score policies)
+    # score policies: per eviction, per layer the window indices evicted, [n_evict of that layer] (Recorded.from_rows)
+    evicted_indices: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
 
 
 @dataclass
@@ -258,10 +259,11 @@ def _sample_loop(prompts, sampling, cache_spec, cache, decoder, input_ids, mask,
         logits = decoder.step(token[:, None], logits_to_keep=1)[:, -1]
         event = decoder.last_event
         if event is not None:
+            chosen = None if event.indices is None else [ix.cpu() for ix in event.indices]  # per layer [batch, n]
             for b, r in enumerate(active):
                 rows[r].eviction_steps.append(step)
-                if event.indices is not None:
-                    rows[r].evicted_indices.append(torch.stack([ix[b] for ix in event.indices]).cpu())
+                if chosen is not None:
+                    rows[r].evicted_indices.append(tuple(ix[b] for ix in chosen))
     return RolloutResult(
         rows=rows, seconds=time.perf_counter() - start, generated_tokens=generated, evictions=cache.evictions,
         peak_cache_tokens=cache.peak_tokens, peak_cache_bytes=cache.peak_bytes,

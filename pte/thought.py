@@ -240,6 +240,8 @@ class ThoughtState(CacheListener):
         if self.ablation == "global_only":
             return
         for i, (enc, slot) in enumerate(zip(self.encoders, self.slots)):
+            if event.keys[i].shape[-2] == 0:  # a per-layer budget cut nothing here: the state stays
+                continue
             pos = event.positions[i] if self.key_rope == "unrotate" else None
             hist = self.history[i]
             if self.exact:

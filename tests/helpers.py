@@ -4,7 +4,25 @@ import math
 
 import torch
 
+from pte.cache import CacheListener
 from pte.rollout import Decoder, left_pad
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]  # left padding, three lengths
+
+
+def completions(T, batch=len(PROMPTS), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 100, (batch, T), generator=g).tolist()
+
+
+class Recorder(CacheListener):
+    """Keeps every eviction event a cache reports."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_evict(self, event):
+        self.events.append(event)
 
 
 def thought_starts(n_thoughts: int, window: int | None, evict_fraction: float) -> list[int]:

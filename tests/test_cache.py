@@ -4,26 +4,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from helpers import cached_teacher_forced, masked_full_forward, thought_starts
-from pte.cache import BoundedCache, CacheListener
+from helpers import PROMPTS, Recorder, cached_teacher_forced, completions, masked_full_forward, thought_starts
+from pte.cache import BoundedCache
 from pte.eviction import KeyNorm, Recorded
 from pte.rollout import CacheSpec, Decoder, Sampling, left_pad, rollout
-
-PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]
-
-
-def completions(T, batch=len(PROMPTS), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 100, (batch, T), generator=g).tolist()
-
-
-class Recorder(CacheListener):
-    def __init__(self):
-        self.events = []
-
-    def on_evict(self, event):
-        self.events.append(event)
-
 
 @torch.no_grad()
 def test_window_never_filled_equals_full_cache(model):

@@ -3,14 +3,13 @@ import json
 import pytest
 import torch
 
-from helpers import cached_teacher_forced, masked_full_forward
+from helpers import PROMPTS, Recorder, cached_teacher_forced, masked_full_forward
 from pte.adapter import AdapterConfig, attach, export_peft, load
-from pte.cache import BoundedCache, CacheListener, sliding_eviction_steps
+from pte.cache import BoundedCache, sliding_eviction_steps
 from pte.models import tiny_model
 from pte.replay import replay
 from pte.rollout import CacheSpec, RolloutRow, Sampling, left_pad, rollout
 
-PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]
 METHOD_CACHE = {"lora": None, "lora_c": 6, "pte": 6}
 
 
@@ -84,14 +83,7 @@ def test_state_timing_rule(attention):
     lin = adapter.linears["layers.1.mlp.up_proj"]
     hook = lin.register_forward_pre_hook(lambda m, a: seen.append(m.slot.state.clone()))
 
-    class Events(CacheListener):
-        def __init__(self):
-            self.events = []
-
-        def on_evict(self, event):
-            self.events.append(event)
-
-    rec = Events()
+    rec = Recorder()
     comp = torch.randint(3, 100, (3, 20), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.no_grad():
         state = adapter.new_state(len(PROMPTS))

@@ -1,11 +1,10 @@
 import pytest
 import torch
 
-from helpers import masked_full_forward
+from helpers import PROMPTS, masked_full_forward
 from pte.models import char_tokenizer, tiny_model
 from pte.rollout import CacheSpec, Sampling, rollout
 
-PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]
 
 
 @pytest.fixture(scope="module")
