@@ -14,8 +14,8 @@ from pte.rollout import CacheSpec, Sampling, rollout
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]
 WINDOW = {"lora": None, "lora_c": 6, "pte": 6}
 # The rollout feeds one token per forward, the replay a segment: in half precision they round differently. Measured
-# on these models (bf16, T=26): max |dlogp| <= 0.11, mean <= 0.01; a wrong state or cast moves logp by far more.
-HALF_TOLERANCE = {torch.bfloat16: (0.25, 0.03), torch.float16: (0.05, 0.005)}
+# here (max, mean |dlogp|): bf16 0.036, 0.0069 (lora: one 26-token segment), fp16 0.0088, 0.0016.
+HALF_TOLERANCE = {torch.bfloat16: (0.1, 0.015), torch.float16: (0.03, 0.005)}
 
 
 def make(arch, method, dtype):
