@@ -16,6 +16,18 @@ Methods are configurations of these parts, not separate code:
 Default targets are every linear of attention and MLP (q, k, v, o, gate, up, down): the state should be able to
 act everywhere the layer computes, and the paper's LoRA baseline, whose targets it does not state, is most
 commonly run that way in RL recipes. Any subset can be chosen.
+
+Precision. The adapter's parameters (``A``, ``B``, ``h_g``, ``W^a_*``) are fp32 whatever the base model's dtype,
+as PEFT's ``autocast_adapter_dtype`` keeps them, so the optimizer's small updates are not rounded away in bf16.
+The adapted linear computes in the activations' dtype: ``B``, ``S`` and ``A`` are cast to it in each forward, so a
+bf16 model runs bf16 matmuls only. The thought encoder computes in fp32 (:mod:`pte.thought`): the global tokens
+pass the frozen projections in the base dtype, as any token does, and leave them in fp32; evicted keys/values are
+cast to fp32 before they are un-rotated; the ``W^a`` projections, the softmax summaries, the history statistics
+(:mod:`pte.history`) and the normalisation are fp32, in the rollout and the replay alike, so both carry the same
+state up to fp32 rounding. The state is cast to the activation dtype only where an adapted linear applies it.
+Log-probs are fp32 (:func:`pte.rollout.sample`, :func:`pte.replay.token_logprobs`). The rollout (one token per
+forward) and the replay (one segment per forward) still round differently in bf16, so their log-probs differ by
+bf16 noise: the GRPO loss takes the replay's own log-probs as ``pi_old`` (:mod:`pte.grpo`).
 """
 
 from __future__ import annotations
@@ -92,7 +104,8 @@ class AdapterConfig:
 
 
 class AdaptedLinear(nn.Module):
-    """``W x + scale * A (S (B x))`` with the frozen base ``W``; ``S`` read from the layer's slot per forward."""
+    """``W x + scale * A (S (B x))`` with the frozen base ``W``; ``S`` read from the layer's slot per forward.
+    ``A``/``B`` are fp32 parameters; the forward runs in ``x``'s dtype (module docstring, "Precision")."""
 
     def __init__(self, base: nn.Linear, rank: int, n_global: int, scale: float, slot: StateSlot):
         super().__init__()

@@ -101,7 +101,7 @@ def train_memory_worker(method: str, length: int, window: int, batch: int, promp
             for p, c in zip(prompts, comps)]
     weights = torch.randn(batch, length, generator=g)
     spec = CacheSpec(window=win)
-    loss_fn = lambda logp, sl: -(weights[:, sl] * logp).sum() / weights.numel()
+    loss_fn = lambda logp, rows, cols: -(weights[rows, cols] * logp).sum() / weights.numel()
 
     def step():
         replay(model, rows, spec, adapter=adapter, loss_fn=loss_fn)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pte.adapter import Adapter, read_config
+from pte.adapter import Adapter, read_config, read_tensors
 from pte.config import TrainConfig, to_dict
 from pte.dist import Dist
 
@@ -217,7 +217,7 @@ def restore(ckpt: Path, adapter: Adapter, optimizer, gen: torch.Generator, dist:
     if state.get("world_size", 1) != dist.world:
         raise ValueError(f"{ckpt} was written by {state.get('world_size', 1)} processes, this run has {dist.world}; "
                          "resume with the same number of processes (each rank's RNG state is saved)")
-    adapter.load_state_dict(load_file(str(ckpt / "adapter.safetensors")))
+    adapter.load_state_dict(read_tensors(ckpt))  # checksum, finiteness and truncation checked
     opt_state: dict = {"state": {}, "param_groups": state["param_groups"]}
     for key, value in load_file(str(ckpt / "optimizer.safetensors")).items():
         _, i, name = key.split(".", 2)

@@ -97,6 +97,9 @@ class GRPOConfig:
     max_sampling_rounds: int = 4
     mask_truncated: bool = False  # completions cut by sampling.max_new_tokens are left out of the loss (TRL's option)
     skip_empty_steps: bool = True  # no optimizer step when no row of any rank has a signal (Adam moves on zeros)
+    # replay (and the KL reference) this many rows at a time, gradients accumulated: exactly one batch's update, with
+    # memory bounded by micro_batch_rows x (prompt + window); null: every kept row at once
+    micro_batch_rows: int | None = None
     kl_metric_every: int = 10  # log kl_to_base (k3, sampled tokens) every N steps even at beta 0; 0: never
     # PTE's replay: "history" gives the thought encoder the exact gradient through every past eviction from fixed-size
     # statistics (pte.history; constant memory); "segment" stops it at the segment (the encoder then learns only from
@@ -175,6 +178,8 @@ class TrainConfig:
              "statistics); set grpo.state_grad: segment"),
             (self.grpo.pi_old in ("replay", "rollout"), "grpo.pi_old", "choose replay or rollout"),
             (self.grpo.max_sampling_rounds >= 1, "grpo.max_sampling_rounds", "must be >= 1"),
+            (self.grpo.micro_batch_rows is None or self.grpo.micro_batch_rows >= 1, "grpo.micro_batch_rows",
+             "must be >= 1, or null for every row at once"),
             (self.grpo.kl_metric_every >= 0, "grpo.kl_metric_every", "must be >= 0 (0: never)"),
             (math.isfinite(self.optim.lr) and self.optim.lr > 0, "optim.lr", "must be a finite number > 0"),
             (all(0 <= b < 1 for b in self.optim.betas), "optim.betas", "each must lie in [0, 1), e.g. [0.9, 0.999]"),

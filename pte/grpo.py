@@ -58,12 +58,13 @@ class TokenBatch:
     normalizer: float = 1.0
 
 
-def clipped_token_loss(logp: torch.Tensor, batch: TokenBatch, cols: slice, *, clip_low: float = 0.2,
-                       clip_high: float = 0.2, beta: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """Loss (to minimise) of the completion tokens ``cols``: logp [batch, n] with grad."""
-    mask = batch.mask[:, cols].to(logp.dtype)
-    old = logp.detach() if batch.old_logp is None else batch.old_logp[:, cols].to(logp.dtype)
-    adv = batch.advantages.to(logp.dtype)
+def clipped_token_loss(logp: torch.Tensor, batch: TokenBatch, cols: slice, *, rows: slice = slice(None),
+                       clip_low: float = 0.2, clip_high: float = 0.2, beta: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Loss (to minimise) of the completion tokens ``cols`` of rows ``rows`` (a replay micro-batch): logp
+    [rows, n] with grad."""
+    mask = batch.mask[rows, cols].to(logp.dtype)
+    old = logp.detach() if batch.old_logp is None else batch.old_logp[rows, cols].to(logp.dtype)
+    adv = batch.advantages[rows].to(logp.dtype)
     ratio = torch.exp(logp - old)
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
@@ -72,7 +73,7 @@ def clipped_token_loss(logp: torch.Tensor, batch: TokenBatch, cols: slice, *, cl
     if beta > 0:
         if batch.ref_logp is None:
             raise ValueError("beta > 0 needs reference log-probs (kl.reference)")
-        delta = batch.ref_logp[:, cols].to(logp.dtype) - logp
+        delta = batch.ref_logp[rows, cols].to(logp.dtype) - logp
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * kl
         stats["kl_sum"] = float((kl.detach() * mask).sum())

@@ -20,10 +20,14 @@ over raw (un-rotated) evicted keys ``k_j`` and values ``v_j``, ``u_j = W^a_V v_j
 linear (eq. 4, :class:`LinearHistory`): ``sum_k S'_k = q M`` with ``M = sum_j (W^a_K k_j)(W^a_V v_j)^T``; with
 ``P = sum_j (W^a_V v_j) k_j^T`` and ``Q = sum_j (W^a_K k_j) v_j^T``: ``dL/dW^a_K = sum_b dM P``, ``dL/dW^a_V = sum_b dM^T Q``.
 
-Memory per layer and sequence: ``n_g x d_kv x (r + 2)`` numbers (softmax) or ``2 r d_kv + r^2`` (linear), constant in
-the number of evicted tokens. The gradient equals the untruncated graph's wherever the evicted keys/values
-themselves carry no gradient (``tests/test_pte.py``); what is still cut is the path from the answer back into the
-forwards that *wrote* the evicted keys/values.
+Smallest exact form: what is derivable from the rest at read time is not stored (``read_i = W^a_V m_i``;
+``M = Q W^a_V^T``). What is left is needed: ``dL/dW^a_K`` takes ``E_i g_i`` for an arbitrary ``g`` (a new one after
+every segment), and ``E_i`` is a generic ``d_kv x r`` matrix per query. Memory per layer and sequence, in fp32
+(the encoder's dtype) and constant in the number of evicted tokens: ``n_g (d_kv (r + 2) + 1)`` numbers (softmax) or
+``2 r d_kv`` (linear); :func:`history_bytes`. Only the replay with ``state_grad="history"`` keeps them, per replayed
+row: ``replay(micro_batch_rows=)`` bounds the total. The gradient equals the untruncated graph's wherever the
+evicted keys/values themselves carry no gradient (``tests/test_pte.py``); what is still cut is the path from the
+answer back into the forwards that *wrote* the evicted keys/values.
 """
 
 from __future__ import annotations
@@ -34,11 +38,17 @@ from typing import NamedTuple
 import torch
 
 
+def history_bytes(layers: int, n_global: int, rank: int, d_kv: int, attention: str = "softmax",
+                  element_bytes: int = 4) -> int:
+    """Bytes of one sequence's history statistics over all layers (fp32 by default)."""
+    per_layer = n_global * (d_kv * (rank + 2) + 1) if attention == "softmax" else 2 * rank * d_kv
+    return layers * per_layer * element_bytes
+
+
 class SoftmaxHistory(NamedTuple):
     lse: torch.Tensor  # [batch, n_g]
-    read: torch.Tensor  # [batch, n_g, r]
-    mean_k: torch.Tensor  # [batch, n_g, d_kv]
-    mean_v: torch.Tensor  # [batch, n_g, d_kv]
+    mean_k: torch.Tensor  # [batch, n_g, d_kv]: E_w[k]
+    mean_v: torch.Tensor  # [batch, n_g, d_kv]: E_w[v]; the read is W^a_V E_w[v]
     k_u: torch.Tensor  # [batch, n_g, d_kv, r]: E_w[k (W^a_V v)^T]
 
     @staticmethod
@@ -48,8 +58,7 @@ class SoftmaxHistory(NamedTuple):
         u = values @ wa_v.T  # [batch, m, r]
         scores = q @ (keys @ wa_k.T).transpose(1, 2) / math.sqrt(q.shape[-1])  # [batch, n_g, m]
         w = scores.softmax(-1)
-        return SoftmaxHistory(scores.logsumexp(-1), w @ u, w @ keys, w @ values,
-                              torch.einsum("bnm,bmd,bmr->bndr", w, keys, u))
+        return SoftmaxHistory(scores.logsumexp(-1), w @ keys, w @ values, torch.einsum("bnm,bmd,bmr->bndr", w, keys, u))
 
     def merge(self, other: "SoftmaxHistory") -> "SoftmaxHistory":
         lse = torch.logaddexp(self.lse, other.lse)
@@ -71,9 +80,10 @@ class SoftmaxHistory(NamedTuple):
 
 class _SoftmaxRead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, wa_k, wa_v, lse, read, mean_k, mean_v, k_u):
+    def forward(ctx, q, wa_k, wa_v, lse, mean_k, mean_v, k_u):
+        read = mean_v @ wa_v.T  # [batch, n_g, r]
         ctx.save_for_backward(q, wa_k, read, mean_k, mean_v, k_u)
-        return lse.clone(), read.clone()
+        return lse.clone(), read
 
     @staticmethod
     def backward(ctx, d_lse, d_read):
@@ -85,19 +95,18 @@ class _SoftmaxRead(torch.autograd.Function):
         d_q = (c @ wa_k.T).sum(0) / math.sqrt(r)  # q is shared by the batch
         d_wa_k = torch.einsum("nr,bnd->rd", q, c) / math.sqrt(r)
         d_wa_v = torch.einsum("bnr,bnd->rd", d_read, mean_v)
-        return d_q, d_wa_k, d_wa_v, None, None, None, None, None
+        return d_q, d_wa_k, d_wa_v, None, None, None, None
 
 
 class LinearHistory(NamedTuple):
-    memory: torch.Tensor  # [batch, r, r]: M = sum_j (W^a_K k_j)(W^a_V v_j)^T
-    u_k: torch.Tensor  # [batch, r, d_kv]: sum_j (W^a_V v_j) k_j^T
-    k_v: torch.Tensor  # [batch, r, d_kv]: sum_j (W^a_K k_j) v_j^T
+    u_k: torch.Tensor  # [batch, r, d_kv]: P = sum_j (W^a_V v_j) k_j^T
+    k_v: torch.Tensor  # [batch, r, d_kv]: Q = sum_j (W^a_K k_j) v_j^T; the memory is M = Q W^a_V^T
 
     @staticmethod
     @torch.no_grad()
     def of(q, wa_k, wa_v, keys, values):
         ka, u = keys @ wa_k.T, values @ wa_v.T  # [batch, m, r]
-        return LinearHistory(ka.transpose(1, 2) @ u, u.transpose(1, 2) @ keys, ka.transpose(1, 2) @ values)
+        return LinearHistory(u.transpose(1, 2) @ keys, ka.transpose(1, 2) @ values)
 
     def merge(self, other: "LinearHistory") -> "LinearHistory":
         return LinearHistory(*(x + y for x, y in zip(self, other)))
@@ -112,7 +121,8 @@ class LinearHistory(NamedTuple):
 
 class _LinearRead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, wa_k, wa_v, memory, u_k, k_v):
+    def forward(ctx, q, wa_k, wa_v, u_k, k_v):
+        memory = k_v @ wa_v.T  # [batch, r, r]
         ctx.save_for_backward(q, memory, u_k, k_v)
         return q @ memory
 
@@ -121,4 +131,4 @@ class _LinearRead(torch.autograd.Function):
         q, memory, u_k, k_v = ctx.saved_tensors
         d_m = q.T @ d_s  # [batch, r, r]
         return (d_s @ memory.transpose(1, 2)).sum(0), (d_m @ u_k).sum(0), (d_m.transpose(1, 2) @ k_v).sum(0), \
-            None, None, None
+            None, None

@@ -87,7 +87,7 @@ def train_variant(model, tok, task: LongRange, cfg: MechanismConfig, variant: st
 
             answer = len(rows[0].completion_ids) - 2  # the answer digit (before EOS); rows have one length
 
-            def nll(logp, cols):  # logp [batch, cols] -> this segment's share of the loss
+            def nll(logp, _rows, cols):  # logp [batch, cols] (the replay is not micro-batched) -> this segment's loss
                 loss = logp.sum() * 0.0
                 if cfg.loss != "answer":
                     loss = loss - logp.sum() / n_tokens

@@ -48,12 +48,15 @@ def tiny_config(arch: str = "llama", *, vocab_size: int = 128, hidden: int = 64,
     return cfg
 
 
-def tiny_model(arch: str = "llama", *, seed: int = 0, dtype=torch.float32, **kwargs):
-    """A randomly initialised causal LM of the given family, in eval mode."""
+def tiny_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype | str = torch.float32,
+               device: torch.device | str = "cpu", **kwargs):
+    """A randomly initialised causal LM of the given family, in eval mode, in ``dtype`` on ``device``. A seed gives
+    the fp32 model's weights rounded to bf16/fp16; RoPE's buffers stay fp32, as ``from_pretrained`` leaves them."""
     torch.manual_seed(seed)
     cfg = tiny_config(arch, **kwargs)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=cfg._attn_implementation, dtype=dtype)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def check_family(model) -> None:

@@ -125,32 +125,36 @@ class Decoder:
         self.next_pos: torch.Tensor | None = None  # [batch]
         self.last_event = None  # the eviction that preceded the latest forward, if any
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 1,
+                hidden: bool = False) -> torch.Tensor:
+        """Feed the prompts; -> logits [batch, logits_to_keep, vocab], or with ``hidden`` the decoder's last hidden
+        states [batch, P, d_model] (the caller applies the LM head: :func:`pte.replay.token_logprobs`)."""
         limit = max_positions(self.model)
         lengths = attention_mask.sum(-1)
         if limit is not None and int(lengths.max()) > limit:
             raise ValueError(f"prompt of {int(lengths.max())} tokens is longer than the model's maximum ({limit} positions); shorten it")
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.cache.begin_forward(position_ids, attention_mask)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask if self.cache.has_padding else None,
-            position_ids=position_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep,
-        )
+        out = self._forward(hidden, logits_to_keep, input_ids=input_ids,
+                            attention_mask=attention_mask if self.cache.has_padding else None, position_ids=position_ids)
         self.next_pos = lengths.to(torch.long)
-        return out.logits
+        return out
 
-    def step(self, tokens: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
-        """Feed ``tokens`` [batch, n] as thought tokens; -> logits [batch, n or logits_to_keep, vocab]."""
+    def step(self, tokens: torch.Tensor, logits_to_keep: int = 0, hidden: bool = False) -> torch.Tensor:
+        """Feed ``tokens`` [batch, n] as thought tokens; -> logits [batch, n or logits_to_keep, vocab], or with
+        ``hidden`` the last hidden states [batch, n, d_model]."""
         n = tokens.shape[1]
         position_ids = self.next_pos[:, None] + torch.arange(n, device=tokens.device)
         self.last_event = self.cache.begin_forward(position_ids)
-        out = self.model(
-            input_ids=tokens, attention_mask=self.cache.attention_mask(n), position_ids=position_ids,
-            past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep,
-        )
+        out = self._forward(hidden, logits_to_keep, input_ids=tokens, attention_mask=self.cache.attention_mask(n),
+                            position_ids=position_ids)
         self.next_pos = self.next_pos + n
-        return out.logits
+        return out
+
+    def _forward(self, hidden: bool, logits_to_keep: int, **inputs) -> torch.Tensor:
+        if hidden:
+            return self.model.get_decoder()(**inputs, past_key_values=self.cache, use_cache=True).last_hidden_state
+        return self.model(**inputs, past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep).logits
 
     def select_rows(self, index: torch.Tensor) -> None:
         self.cache.batch_select_indices(index)

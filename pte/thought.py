@@ -96,19 +96,26 @@ class ThoughtEncoder(nn.Module):
         object.__setattr__(self, "rotary", rotary)
         self.head_dim = head_dim
         d_q, d_kv = self._base("q_proj").out_features, self._base("k_proj").out_features
-        self.h_g = nn.Parameter(torch.randn(n_global, d_model))
-        self.wa_q = nn.Parameter(torch.randn(rank, d_q) / math.sqrt(d_q))
-        self.wa_k = nn.Parameter(torch.randn(rank, d_kv) / math.sqrt(d_kv))
-        self.wa_v = nn.Parameter(torch.randn(rank, d_kv) / math.sqrt(d_kv))
+        fp32 = dict(dtype=torch.float32)  # whatever the base model's dtype (pte.adapter, "Precision")
+        self.h_g = nn.Parameter(torch.randn(n_global, d_model, **fp32))
+        self.wa_q = nn.Parameter(torch.randn(rank, d_q, **fp32) / math.sqrt(d_q))
+        self.wa_k = nn.Parameter(torch.randn(rank, d_kv, **fp32) / math.sqrt(d_kv))
+        self.wa_v = nn.Parameter(torch.randn(rank, d_kv, **fp32) / math.sqrt(d_kv))
         self.target_norm = math.sqrt(min(n_global, rank))
-        self.log_scale = nn.Parameter(torch.tensor(math.log(self.target_norm))) if learnable_scale else None
+        self.log_scale = nn.Parameter(torch.tensor(math.log(self.target_norm), **fp32)) if learnable_scale else None
 
     def _base(self, name: str) -> nn.Module:
         proj = getattr(self.attn, name)
         return getattr(proj, "base", proj)  # the frozen linear under an adapter
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the encoder computes in: its parameters' dtype (fp32), not the base model's."""
+        return self.wa_q.dtype
+
     def global_qkv(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> q_g [n_g, d_q], k_g [n_g, d_kv], v_g [n_g, d_kv] through the frozen projections."""
+        """-> q_g [n_g, d_q], k_g [n_g, d_kv], v_g [n_g, d_kv] through the frozen projections (run in the base
+        dtype, as for any token), returned in :attr:`dtype`."""
         h = self.h_g.to(self._base("q_proj").weight.dtype)
         q, k, v = self._base("q_proj")(h), self._base("k_proj")(h), self._base("v_proj")(h)
         n = h.shape[0]
@@ -116,27 +123,28 @@ class ThoughtEncoder(nn.Module):
             q = self.attn.q_norm(q.view(n, -1, self.head_dim)).reshape(n, -1)
         if hasattr(self.attn, "k_norm"):
             k = self.attn.k_norm(k.view(n, -1, self.head_dim)).reshape(n, -1)
-        return q, k, v
+        return q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
 
     def raw(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None):
-        """Evicted keys/values [batch, kv_heads, m, head_dim] -> [batch, m, d_kv] each, heads flattened.
-
-        ``positions`` [batch, m] un-rotate the keys; ``None`` uses them as cached (post-RoPE)."""
+        """Evicted keys/values [batch, kv_heads, m, head_dim] (cache dtype) -> [batch, m, d_kv] each in
+        :attr:`dtype`, heads flattened. ``positions`` [batch, m] un-rotate the keys; ``None`` uses them as cached
+        (post-RoPE)."""
+        keys, values = keys.to(self.dtype), values.to(self.dtype)
         if positions is not None:
             cos, sin = self.rotary(values, positions)
-            keys = unrotate(keys, cos.to(keys.dtype), sin.to(keys.dtype))
+            keys = unrotate(keys, cos, sin)
         b, h, m, d = keys.shape
         return keys.transpose(1, 2).reshape(b, m, h * d), values.transpose(1, 2).reshape(b, m, h * d)
 
     def project(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None):
         """Evicted keys/values [batch, kv_heads, m, head_dim] -> (W^a_K k, W^a_V v), each [batch, m, r]."""
         k, v = self.raw(keys, values, positions)
-        return k @ self.wa_k.to(k.dtype).T, v @ self.wa_v.to(v.dtype).T
+        return k @ self.wa_k.T, v @ self.wa_v.T
 
     def summary(self, ka: torch.Tensor, va: torch.Tensor) -> Summary:
         """Softmax read of projected keys/values [..., m, r] by the global queries, kept as an online-softmax
         summary (max, denominator, numerator) so reads of successive chunks merge exactly."""
-        q = self.queries().to(ka.dtype)
+        q = self.queries()
         scores = q @ ka.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [..., n_g, m]
         top = scores.amax(-1)  # [..., n_g]
         w = (scores - top[..., None]).exp()
@@ -159,7 +167,7 @@ class ThoughtEncoder(nn.Module):
     def evicted_state(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """Eq. 4's S' (linear) from evicted keys/values [batch, kv_heads, m, head_dim] -> [batch, n_g, r]."""
         ka, va = self.project(keys, values, positions)  # [batch, m, r]
-        return self.queries().to(ka.dtype) @ (ka.transpose(1, 2) @ va)  # [n_g, r] @ [batch, r, r]
+        return self.queries() @ (ka.transpose(1, 2) @ va)  # [n_g, r] @ [batch, r, r]
 
     def normalize(self, r: torch.Tensor) -> torch.Tensor:
         """[batch, n_g, r] -> Frobenius norm sqrt(min(n_g, r)) (or the learnt scale) per sample."""
@@ -181,7 +189,7 @@ class ThoughtState(CacheListener):
     eviction. The global tokens' part is recomputed from the parameters whenever the state is (see
     :meth:`refresh`), so it always carries a graph. With ``exact_history`` (replay, ``state_grad="history"``) the
     history is kept as :mod:`pte.history`'s fixed-size statistics instead, whose read carries the exact gradient
-    through every past eviction.
+    through every past eviction. States and histories are in the encoders' dtype (fp32) for any base dtype.
     """
 
     def __init__(self, encoders: nn.ModuleList, slots: list[StateSlot], batch: int, *, attention: str = "softmax",
@@ -209,7 +217,7 @@ class ThoughtState(CacheListener):
         if self.attention == "softmax":
             if self.ablation == "global0":
                 if hist is None:
-                    return torch.zeros(self.batch, *enc.queries().shape, dtype=enc.h_g.dtype, device=enc.h_g.device)
+                    return torch.zeros(self.batch, *enc.queries().shape, dtype=enc.dtype, device=enc.h_g.device)
                 return enc.normalize(hist.read())
             glob = enc.global_summary().apply(lambda t: t.expand(self.batch, *t.shape))
             return enc.normalize((glob if hist is None else glob.merge(hist)).read())
@@ -246,7 +254,7 @@ class ThoughtState(CacheListener):
             hist = self.history[i]
             if self.exact:
                 kind = SoftmaxHistory if self.attention == "softmax" else LinearHistory
-                k, v = (t.to(enc.wa_k.dtype) for t in enc.raw(event.keys[i], event.values[i], pos))
+                k, v = enc.raw(event.keys[i], event.values[i], pos)
                 new = kind.of(enc.queries().detach(), enc.wa_k.detach(), enc.wa_v.detach(), k, v)
                 self.history[i] = new if hist is None else hist.merge(new)
             elif self.attention == "softmax":

@@ -34,6 +34,7 @@ from pte.data import Example, load_examples, render_prompt
 from pte.dist import Dist
 from pte.grpo import TokenBatch, clipped_token_loss, group_advantages, soft_overlong_penalty, spread
 from pte.memory import LiveTensorBytes
+from pte.models import check_positions
 from pte.replay import replay
 from pte.rollout import CacheSpec, RolloutRow, Sampling, right_pad, rollout
 from pte.runlog import RunLog
@@ -207,6 +208,7 @@ def sample_groups(run: Run, prompts: PromptStream, meter=_NoMeter) -> tuple[list
         while True:
             batch = prompts.draw()
             prompt_ids = [render_prompt(run.tok, ex.prompt, cfg.data.template) for ex in batch]
+            check_positions(run.model, max(map(len, prompt_ids)), cfg.sampling.max_new_tokens, "sampling.max_new_tokens")
             if spec is None:  # "auto": the longest question of the first draw; later draws keep it (one replay)
                 window = cfg.cache.window if cfg.cache.window != "auto" else max(len(p) for p in prompt_ids)
                 spec = CacheSpec(window=window, evict_fraction=cfg.cache.evict_fraction, policy=cfg.cache.policy)
@@ -271,7 +273,7 @@ def reference_logprobs(run: Run, rows: list[RolloutRow], spec: CacheSpec) -> tor
         RolloutRow(r.prompt_ids, r.completion_ids, r.logprobs, None, [], r.finish_reason) for r in rows]
     with torch.no_grad(), run.adapter.disabled():
         return replay(run.model, full_rows, ref_spec, temperature=run.cfg.sampling.temperature,
-                      pad_token_id=run.pad).logprobs
+                      pad_token_id=run.pad, micro_batch_rows=run.cfg.grpo.micro_batch_rows).logprobs
 
 
 def grpo_step(run: Run, traj: Trajectory, meter=_NoMeter) -> dict:
@@ -281,9 +283,9 @@ def grpo_step(run: Run, traj: Trajectory, meter=_NoMeter) -> dict:
     cfg, tb, params = run.cfg, traj.batch, run.adapter.parameters()
     sums = {"clipped_tokens": 0.0, "tokens": 0.0, "kl_sum": 0.0}
 
-    def loss_fn(logp, cols):
-        loss, s = clipped_token_loss(logp, tb, cols, clip_low=cfg.grpo.clip_low, clip_high=cfg.grpo.clip_high,
-                                     beta=cfg.grpo.beta)
+    def loss_fn(logp, rows, cols):
+        loss, s = clipped_token_loss(logp, tb, cols, rows=rows, clip_low=cfg.grpo.clip_low,
+                                     clip_high=cfg.grpo.clip_high, beta=cfg.grpo.beta)
         for k, v in s.items():
             sums[k] += v
         return loss
@@ -300,7 +302,8 @@ def grpo_step(run: Run, traj: Trajectory, meter=_NoMeter) -> dict:
                     p.grad = torch.zeros_like(p)
             else:
                 rep = replay(run.model, traj.kept, traj.spec, adapter=run.adapter, temperature=cfg.sampling.temperature,
-                             loss_fn=loss_fn, state_grad=cfg.grpo.state_grad, pad_token_id=run.pad)
+                             loss_fn=loss_fn, state_grad=cfg.grpo.state_grad, pad_token_id=run.pad,
+                             micro_batch_rows=cfg.grpo.micro_batch_rows)
                 if it == 0:
                     width = rep.logprobs.shape[1]
                     gap = (rep.logprobs - traj.rollout_logp[:, :width]).abs() * tb.mask[:, :width]

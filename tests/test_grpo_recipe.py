@@ -94,7 +94,7 @@ def test_truncated_rows_contribute_no_gradient():
     keep = [i for i in range(len(rows)) if adv[i, 0] != 0]
     tb = TokenBatch(advantages=adv[keep], old_logp=None, mask=mask[keep], normalizer=float(mask.sum()))
     replay(ref_run.model, [rows[i] for i in keep], traj.spec, adapter=ref_run.adapter,
-           loss_fn=lambda lp, cols: clipped_token_loss(lp, tb, cols)[0], pad_token_id=ref_run.pad)
+           loss_fn=lambda lp, rows, cols: clipped_token_loss(lp, tb, cols, rows=rows)[0], pad_token_id=ref_run.pad)
     torch.nn.utils.clip_grad_norm_(ref_run.adapter.parameters(), ref_run.cfg.optim.max_grad_norm)
     for (name, p), (_, q) in zip(run.adapter.named_parameters(), ref_run.adapter.named_parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-7, rtol=1e-5), name
@@ -122,10 +122,10 @@ def test_first_pass_ratio_is_exactly_one_with_replay_pi_old():
     assert traj.batch.old_logp is None
     seen = []
 
-    def spy(logp, cols):
-        old = logp.detach() if traj.batch.old_logp is None else traj.batch.old_logp[:, cols]
+    def spy(logp, rows, cols):
+        old = logp.detach() if traj.batch.old_logp is None else traj.batch.old_logp[rows, cols]
         seen.append(float((logp.detach() - old).abs().max()))
-        return clipped_token_loss(logp, traj.batch, cols, clip_low=0.0, clip_high=0.0)[0]
+        return clipped_token_loss(logp, traj.batch, cols, rows=rows, clip_low=0.0, clip_high=0.0)[0]
 
     replay(run.model, traj.kept, traj.spec, adapter=run.adapter, loss_fn=spy, pad_token_id=run.pad)
     assert seen and max(seen) == 0.0

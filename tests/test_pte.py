@@ -32,7 +32,7 @@ def sampled(model, adapter, window, T=26, temperature=0.9, policy="sliding"):
 
 
 def weights_loss(w):
-    return lambda logp, sl: -(w[:, sl] * logp).sum()
+    return lambda logp, rows, cols: -(w[rows, cols] * logp).sum()
 
 
 def grads(adapter):
@@ -180,7 +180,7 @@ def test_replay_trains_adapters_that_leave_keys_and_values_alone(truncate):
     with torch.no_grad():
         ref = replay(model, rows, spec, adapter=adapter)
     zero_grads(adapter)
-    got = replay(model, rows, spec, adapter=adapter, loss_fn=lambda lp, sl: -lp.sum(), truncate=truncate)
+    got = replay(model, rows, spec, adapter=adapter, loss_fn=lambda lp, rows, cols: -lp.sum(), truncate=truncate)
     assert got.segments > 3
     assert torch.allclose(got.logprobs, ref.logprobs, atol=1e-6)
     assert all(g.abs().max() > 0 and g.isfinite().all() for k, g in grads(adapter).items() if k.endswith("q_proj.B"))
@@ -207,8 +207,7 @@ def test_pte_untruncated_replay_passes_finite_differences(attention):
         return float(-(w * rep.logprobs.double()).sum())
 
     zero_grads(adapter)
-    replay(model, res.rows, spec, adapter=adapter, temperature=0.9, loss_fn=lambda lp, sl: -(w[:, sl] * lp).sum(),
-           truncate=False)
+    replay(model, res.rows, spec, adapter=adapter, temperature=0.9, loss_fn=weights_loss(w), truncate=False)
     g = torch.Generator().manual_seed(5)
     checked = 0
     for name, p in adapter.named_parameters():
@@ -391,7 +390,7 @@ def test_rows_with_zero_weight_can_be_left_out_of_the_replay():
     zero_grads(adapter)
     kept = w[[0, 2]]
     replay(model, [res.rows[0], res.rows[2]], spec, adapter=adapter, temperature=0.9,
-           loss_fn=lambda lp, sl: -(kept[:, sl] * lp).sum())
+           loss_fn=lambda lp, rows, cols: -(kept[rows, cols] * lp).sum())
     subset = grads(adapter)
     assert max(everything[k].abs().max() for k in everything) > 1e-3
     for k in everything:
