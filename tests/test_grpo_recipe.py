@@ -146,3 +146,29 @@ def test_soft_overlong_penalty_matches_dapo():
     got = soft_overlong_penalty(torch.tensor([5, 12, 16, 18, 20]), max_len=20, buffer=8, penalty=1.0)
     assert got.tolist() == pytest.approx([0.0, 0.0, -0.5, -0.75, -1.0])
     assert torch.equal(soft_overlong_penalty(torch.tensor([20]), 20, 0), torch.zeros(1))
+
+
+def test_micro_batched_step_equals_one_batch():
+    """grpo.micro_batch_rows: the same gradient as replaying every kept row at once (fp32, relative 1e-6)."""
+    calls = [[[0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.5]]]
+    grads = {}
+    for size in (None, 3):
+        run, prompts = _run([f"grpo.micro_batch_rows={'null' if size is None else size}"], calls=calls)
+        grpo_step(run, collect(run, prompts))
+        grads[size] = torch.cat([p.grad.reshape(-1) for p in run.adapter.parameters()])
+    assert grads[None].norm() > 0
+    assert float((grads[3] - grads[None]).norm() / grads[None].norm()) <= 1e-6
+
+
+@pytest.mark.parametrize("method", ["lora", "lora_c", "pte"])
+def test_a_bf16_training_step_has_first_pass_ratio_one(method, tmp_path):
+    """A bf16 base model: one GRPO step per method trains fp32 adapter parameters, and with pi_old=replay no
+    token is clipped on the first pass even with a zero clip range (rollout and replay differ in bf16)."""
+    from pte.train import train
+
+    window = "null" if method == "lora" else "4"
+    last = train(load_config(None, BASE + [f"adapter.method={method}", f"cache.window={window}", "run.steps=1",
+                                           "model.dtype=bfloat16", "grpo.clip_low=0.0", "grpo.clip_high=0.0",
+                                           "sampling.max_new_tokens=12", f"run.out_dir={tmp_path}"]), progress=False)
+    assert last["replayed_rows"] > 0 and last["clip_fraction"] == 0.0 and last["grad_norm"] > 0
+    assert last["logprob_mismatch"] is not None and torch.isfinite(torch.tensor(last["loss"]))
