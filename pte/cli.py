@@ -32,7 +32,9 @@ def _generate(args) -> int:
     import torch
 
     from pte.models import check_device, check_positions, load
+    from pte.data import render_prompt
     from pte.rollout import CacheSpec, Sampling, rollout
+    from pte.tokens import pad_token_id, stop_token_ids
 
     if args.prompt_file:
         prompt = _read_text(args.prompt_file, "--prompt-file")
@@ -59,22 +61,15 @@ def _generate(args) -> int:
         if trained is not None and args.cache_window is None:
             print(f"[pte] note: adapter was trained with window {trained}; running with a full cache "
                   f"(pass --cache-window {trained} to match)", file=sys.stderr)
-    if args.chat:
-        if not getattr(tok, "chat_template", None):
-            raise ValueError(f"{args.model}: the tokenizer has no chat template; drop --chat")
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
-                                      return_dict=False)
-    else:
-        ids = tok(prompt)["input_ids"]
+    if args.chat and not getattr(tok, "chat_template", None):
+        raise ValueError(f"{args.model}: the tokenizer has no chat template; drop --chat")
+    ids = render_prompt(tok, prompt, "chat" if args.chat else "{prompt}")
     check_positions(model, len(ids), args.max_new_tokens)
-    eos = set()
-    for source in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if source is not None:
-            eos.update(source if isinstance(source, list) else [source])
+    stops = stop_token_ids(model, tok)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        top_k=args.top_k, eos_token_ids=tuple(sorted(eos)), stop_strings=tuple(args.stop or ()))
+                        top_k=args.top_k, eos_token_ids=stops, stop_strings=tuple(args.stop or ()))
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0)
+    pad = pad_token_id(tok, stops)
     res = rollout(model, [ids], sampling, cache, pad_token_id=pad, tokenizer=tok, generator=gen, adapter=adapter)
     row = res.rows[0]
     completion = tok.decode(row.completion_ids, skip_special_tokens=True)

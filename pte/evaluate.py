@@ -50,6 +50,7 @@ from pte.memory import peak_rss_bytes, reset_peak_rss
 from pte.passk import pass_at_k
 from pte.rewards import extract_answer
 from pte.rollout import CacheSpec, Sampling, rollout
+from pte.tokens import pad_token_id, stop_token_ids
 
 Z95 = 1.959963984540054
 TASK_PROBLEMS = 100  # problems generated for a task benchmark when --limit is not given
@@ -179,15 +180,6 @@ def render_prompts(tokenizer, examples: list[Example], chat: bool) -> list[list[
     return [render_prompt(tokenizer, ex.prompt, "chat" if chat else "{prompt}") for ex in examples]
 
 
-def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
-    """The tokenizer's EOS plus the model's generation-config EOS ids (chat models often add an end-of-turn)."""
-    eos = set()
-    for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if source is not None:
-            eos.update(source if isinstance(source, list) else [source])
-    return tuple(sorted(eos))
-
-
 def evaluate(model, tokenizer, examples: list[Example], score, *, spec: CacheSpec, sampling: Sampling,
              n_samples: int = 1, ks=(1,), batch_size: int = 16, adapter=None, chat: bool = False,
              progress: bool = True, seed: int = 0, budget: int | None = None, label: str | None = None,
@@ -195,7 +187,7 @@ def evaluate(model, tokenizer, examples: list[Example], score, *, spec: CacheSpe
     """Sample ``n_samples`` completions of every example under ``spec`` and score them.
 
     ``score(completion, example) -> float`` (1.0 is correct). ``sampling`` carries the stop tokens (see
-    :func:`eos_token_ids`). ``budget``, when the window was split from one, is checked and reported.
+    :func:`pte.tokens.stop_token_ids`). ``budget``, when the window was split from one, is checked and reported.
     ``predictions``: a JSONL file each batch's records are appended to as soon as they are scored. ``done``: the
     records of complete batches of an interrupted run with the same settings (see :func:`read_predictions`);
     their samples are not drawn again.
@@ -222,8 +214,7 @@ def evaluate(model, tokenizer, examples: list[Example], score, *, spec: CacheSpe
         raise ValueError(f"{len(records)} earlier records do not match this run's complete batches "
                          f"({len(jobs)} samples in batches of {batch_size}); start over without them")
     device = next(model.parameters()).device
-    eos = sampling.eos_token_ids
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
+    pad = pad_token_id(tokenizer, sampling.eos_token_ids)
     gen = torch.Generator(device=device)
     rollout(model, [prompts[0]], Sampling(2, temperature=0), spec, pad_token_id=pad, adapter=adapter)  # warm-up
     cuda = device.type == "cuda"
@@ -609,7 +600,7 @@ def run_command(args) -> str:
             window = size if size is None or sized_by == "window" else split_budget(size, lengths, args.question_tokens)
             runs.append((CacheSpec(window, args.evict_fraction, args.policy), size if sized_by == "budget" else None))
         sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, eos_token_ids=eos_token_ids(model, tok),
+                            top_k=args.top_k, eos_token_ids=stop_token_ids(model, tok),
                             stop_strings=tuple(args.stop or ()))
         out.mkdir(parents=True, exist_ok=True)
         if not resume:

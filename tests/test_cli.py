@@ -134,3 +134,43 @@ def test_export_peft_command(saved_model, tmp_path, capsys):
     attach(load(str(path))[0], AdapterConfig(method="pte", rank=4, n_global=4)).save(tmp_path / "ad2")
     assert main(["export", "--peft", "--model", str(path), "--adapter", str(tmp_path / "ad2"), "--out", str(tmp_path / "q")]) == 2
     assert "input-dependent state" in capsys.readouterr().err
+
+
+def test_training_rollouts_stop_at_the_ids_generate_and_eval_stop_at(tmp_path, monkeypatch):
+    """A chat model ends its turn with an id listed only in its generation config: `pte train` must stop there
+    too, as `pte generate` and `pte eval` do (they once disagreed)."""
+    import importlib
+
+    import pte.cli
+    import pte.evaluate
+    import pte.train
+    from pte.config import load_config
+
+    rollout_module = importlib.import_module("pte.rollout")  # `pte.rollout` is the function, re-exported
+
+    path = tmp_path / "chat"
+    tok = char_tokenizer()
+    model = tiny_model("qwen2", vocab_size=len(tok), init_std=0.2, seed=2, max_positions=256)
+    model.generation_config.eos_token_id = [tok.eos_token_id, 7]  # <|end of turn|> stand-in
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    seen = {}
+    real = rollout_module.rollout
+
+    def spy(name):
+        def wrapped(model, prompts, sampling, *a, **kw):
+            seen[name] = sampling.eos_token_ids  # the last call: eval warms up without stop ids
+            return real(model, prompts, sampling, *a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(pte.train, "rollout", spy("train"))
+    monkeypatch.setattr(rollout_module, "rollout", spy("generate"))  # generate imports it at call time
+    assert main(["generate", "--model", str(path), "--prompt", "Q: 1", "--max-new-tokens", "4"]) == 0
+    monkeypatch.setattr(pte.evaluate, "rollout", spy("eval"))
+    assert main(["eval", "--model", str(path), "--benchmark", "copy_digit", "--limit", "2", "--max-new-tokens", "4",
+                 "--out", str(tmp_path / "ev")]) == 0
+    pte.train.train(load_config(None, [f"model.name={path}", "data.task=copy_digit", "run.steps=1",
+                                       "grpo.group_size=2", "grpo.prompts_per_step=1", "sampling.max_new_tokens=4",
+                                       "cache.window=4", "adapter.rank=4", "adapter.n_global=4",
+                                       f"run.out_dir={tmp_path / 'run'}"]), progress=False)
+    assert seen["train"] == seen["generate"] == seen["eval"] == (tok.eos_token_id, 7)
