@@ -110,9 +110,9 @@ class AdaptedLinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, n_global: int, scale: float, slot: StateSlot):
         super().__init__()
         self.base = base
-        self.B = nn.Parameter(torch.empty(rank, base.in_features, dtype=torch.float32))
+        self.B = nn.Parameter(torch.empty(rank, base.in_features, dtype=torch.float32, device=base.weight.device))
         nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
-        self.A = nn.Parameter(torch.zeros(base.out_features, n_global, dtype=torch.float32))
+        self.A = nn.Parameter(torch.zeros(base.out_features, n_global, dtype=torch.float32, device=base.weight.device))
         self.scale = scale
         self.slot = slot
 
@@ -162,7 +162,6 @@ class Adapter:
                     if leaf in config.targets and isinstance(module, nn.Linear):
                         parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
                         adapted = AdaptedLinear(module, config.rank, config.n_global, config.scale, self.slots[i])
-                        adapted.A.data, adapted.B.data = adapted.A.data.to(device), adapted.B.data.to(device)
                         setattr(parent, leaf, adapted)
                         self.linears[f"layers.{i}.{name}"] = adapted
             missing = set(config.targets) - {k.rsplit(".", 1)[-1] for k in self.linears}

@@ -247,6 +247,48 @@ def plot_rollout(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def bench_paper_memory(out: str, lengths=(3072, 6144, 16384, 65536), window: int = 1024, **kwargs) -> list[dict]:
+    """``pte bench paper-memory``: the paper's models' training step on fake tensors (:mod:`pte.paper_memory`);
+    JSON records, then the table of docs/paper_memory.md on stdout. No subprocesses: nothing is allocated."""
+    from pte.paper_memory import paper_records
+
+    start = time.perf_counter()
+    records = paper_records(lengths=lengths, window=window, log=lambda m: print(m, file=sys.stderr), **kwargs)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(records, indent=1))
+    print(paper_memory_table(records))
+    print(f"[pte] {len(records)} records in {time.perf_counter() - start:.0f}s -> {path}", file=sys.stderr)
+    return records
+
+
+def fits(records: list[dict], model: str, method: str, length: int, capacity: float) -> int | None:
+    """The largest micro-batch whose step peak fits ``capacity`` bytes (None: not even one row)."""
+    ok = [r["rows"] for r in records if (r["model"], r["method"], r["length"], r["phase"]) == (model, method, length, "step")
+          and r["peak_bytes"] <= capacity]
+    return max(ok, default=None)
+
+
+def paper_memory_table(records: list[dict]) -> str:
+    """Per model, method and length: the step's peak at micro-batches 1 and 8 (GiB, % of a 40 GiB A100), the
+    largest micro-batch that fits 40 and 80 GiB, the rollout's K/V and state at 1 row, the attention TFLOPs."""
+    gib = 2**30
+    step = {(r["model"], r["method"], r["length"], r["rows"]): r for r in records if r["phase"] == "step"}
+    lines = ["| model | method | length | peak GiB, 1 row (% of 40 GiB) | peak GiB, 8 rows | fits 40 GiB at | "
+             "fits 80 GiB at | K/V + state MiB, 1 row | attention TFLOPs / sequence |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (model, method, length, rows), r in step.items():
+        if rows != 1:
+            continue
+        eight = step.get((model, method, length, 8))
+        f40, f80 = (fits(records, model, method, length, c * gib) for c in (40, 80))
+        lines.append(f"| {model} | {method} | {length} | {r['peak_bytes'] / gib:.1f} ({100 * r['peak_bytes'] / (40 * gib):.0f}%) "
+                     f"| {eight['peak_bytes'] / gib:.1f} | {f40 or 'no'} | {f80 or 'no'} "
+                     f"| {(r['kv_cache_bytes'] + r['state_bytes']) / 2**20:.0f} | {r['attention_tflops']:.1f} |"
+                     if eight else f"| {model} | {method} | {length} | {r['peak_bytes'] / gib:.1f} | | | | | |")
+    return "\n".join(lines)
+
+
 WORKERS = {"rollout-worker": rollout_worker, "train-memory-worker": train_memory_worker}
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ class LiveTensorBytes:
     """Peak bytes of tensor storages allocated inside the block and alive at once (CPU or CUDA).
 
     A ``TorchDispatchMode`` sees every op's outputs, including those of backward; each new storage is counted
-    until its finaliser runs. Tensors that existed before the block (the weights) are not counted, so this is
+    until its finaliser runs. An output on the storage of one of the op's inputs (a view such as a weight's
+    transpose, or an in-place result) is no allocation and is not counted. Works on fake tensors too. Tensors that existed before the block (the weights) are not counted, so this is
     the working memory of what runs inside: activations, saved tensors, caches, gradients, optimizer state.
     """
 
@@ -72,9 +73,12 @@ class LiveTensorBytes:
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                inputs = {_storage_key(t) for t in _tree_tensors((args, tuple(kwargs.values())))}
                 for t in _tree_tensors(out):
-                    tracker._track(t)
+                    if _storage_key(t) not in inputs:  # a view or in-place result allocates nothing
+                        tracker._track(t)
                 return out
 
         self._mode = _Mode()
@@ -103,6 +107,13 @@ class LiveTensorBytes:
     def _free(self, key: int, nbytes: int) -> None:
         self._seen.discard(key)
         self.live -= nbytes
+
+
+def _storage_key(t) -> int | None:
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _tree_tensors(out):

@@ -6,6 +6,8 @@ import torch
 from pte.models import tiny_model
 
 torch.set_num_threads(int(os.environ.get("PTE_TEST_THREADS", "2")))  # 1 on a machine shared with other jobs
+if os.environ.get("PTE_TEST_DEVICE"):  # e.g. cuda (scripts/gpu_check.sh): models and new tensors default to it
+    torch.set_default_device(os.environ["PTE_TEST_DEVICE"])
 
 ARCHS = ["llama", "qwen2"]
 ATTNS = ["sdpa", "eager"]
