@@ -122,6 +122,7 @@ class RunDir:
 
     def __init__(self, path: Path, run_id: str | None, lock_file=None):
         self.path, self.run_id, self._lock = path, run_id, lock_file
+        self._created = False
 
     @classmethod
     def claim(cls, path: Path, *, resume: Path | None, overwrite: bool, rank: int = 0) -> "RunDir":
@@ -129,6 +130,7 @@ class RunDir:
         run_id = _state(resume).get("run_id") if resume is not None else uuid.uuid4().hex[:12]  # None: older pte
         if rank != 0:
             return cls(path, run_id)
+        created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         lock = (path / ".pte-lock").open("a+")
         try:
@@ -144,6 +146,7 @@ class RunDir:
         lock.write(str(os.getpid()))
         lock.flush()
         run = cls(path, run_id, lock)
+        run._created = created
         held = [p.name for p in checkpoints(path)] + [n for n in RUN_FILES if (path / n).exists()]
         if resume is None and held:
             if not overwrite:
@@ -169,10 +172,14 @@ class RunDir:
                 write_text_atomic(log, "".join(line + "\n" for line in kept))
 
     def release(self) -> None:
+        """Unlock; a run that failed before writing anything leaves no trace (not even the directory it made)."""
         if self._lock is not None:
+            (self.path / ".pte-lock").unlink(missing_ok=True)
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None
+            if self._created and not any(self.path.iterdir()):
+                self.path.rmdir()
 
 
 def check_resumable(ckpt: Path, cfg: TrainConfig) -> None:

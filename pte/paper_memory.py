@@ -27,7 +27,6 @@ when a mask is given, as on CUDA) is kept.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import time
@@ -82,23 +81,6 @@ class Scalars(TorchDispatchMode):
         if queue:
             return queue.pop(0)
         return True if args[0].dtype == torch.bool else 1
-
-
-class PromoteMatmuls(TorchDispatchMode):
-    """Matrix products of mixed float dtypes run in the promoted dtype (fp32). Stands in for the bf16 fix of the
-    thought state (issue #12, item 1) until it lands: the current code multiplies fp32 state parameters by bf16
-    keys/values and raises; the tensors involved are the state's, a few MB."""
-
-    OPS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
-           torch.ops.aten.baddbmm.default}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.OPS:
-            dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor)}
-            if len(dtypes) > 1:
-                wide = functools.reduce(torch.promote_types, dtypes)
-                args = tuple(a.to(wide) if isinstance(a, torch.Tensor) else a for a in args)
-        return func(*args, **(kwargs or {}))
 
 
 def to_fake(modules: list[nn.Module], mode, device: torch.device = FAKE_DEVICE) -> None:
@@ -355,7 +337,7 @@ def step_memory(config, method: str, length: int, window: int, rows: int, prompt
     adapter = attach(model, AdapterConfig(method=method, rank=rank, n_global=rank))
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     to_fake([model, adapter.encoders], mode)
-    with mode, Scalars(), PromoteMatmuls(), flash_attention_memory():
+    with mode, Scalars(), flash_attention_memory():
         device = FAKE_DEVICE
         params = adapter.parameters()
         optimizer = torch.optim.Adam(params, lr=1e-6)

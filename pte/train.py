@@ -126,12 +126,12 @@ class Run:
         return self.dist.device
 
 
-def setup(cfg: TrainConfig, dist: Dist | None = None) -> Run:
+def setup(cfg: TrainConfig, dist: Dist | None = None, data: tuple | None = None) -> Run:
     torch.set_num_threads(cfg.run.threads)
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
-    examples, task = build_examples(cfg)  # data errors surface before the model loads
+    examples, task = data or build_examples(cfg)  # data errors surface before the model loads
     dist = dist or Dist(cfg.model.device)
     model, tok = build_model(cfg, str(dist.device))
     adapter = attach(model, cfg.adapter)
@@ -357,17 +357,18 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         checkpoint.check_resumable(ckpt, cfg)
         if (done := checkpoint.finished(ckpt, cfg)) is not None:
             return done
+    data = build_examples(cfg)  # data errors surface before anything is written
     dist = Dist(cfg.model.device)
     run_dir = checkpoint.RunDir.claim(Path(cfg.run.out_dir), resume=ckpt, overwrite=cfg.run.overwrite, rank=dist.rank)
     try:
-        return _train(cfg, dist, run_dir, ckpt, progress)
+        return _train(cfg, setup(cfg, dist, data), run_dir, ckpt, progress)
     finally:
         run_dir.release()
         dist.close()
 
 
-def _train(cfg: TrainConfig, dist: Dist, run_dir: checkpoint.RunDir, ckpt: Path | None, progress: bool) -> dict:
-    run, out = setup(cfg, dist), run_dir.path
+def _train(cfg: TrainConfig, run: Run, run_dir: checkpoint.RunDir, ckpt: Path | None, progress: bool) -> dict:
+    dist, out = run.dist, run_dir.path
     start, position = 0, 0
     if ckpt is not None:
         state = checkpoint.restore(ckpt, run.adapter, run.optimizer, run.gen, dist)

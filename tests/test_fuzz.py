@@ -116,7 +116,7 @@ ROWS = [
     ("train-lr-string", train("optim.lr=abc"), r"optim\.lr='abc': expected a float$"),
     ("train-lr-nan", train("optim.lr=.nan"), r"optim\.lr=nan: expected a float \(finite\)"),
     ("train-lr-inf", train("optim.lr=.inf"), r"optim\.lr=inf: expected a float \(finite\)"),
-    ("train-lr-negative", train("optim.lr=-1e-5"), r"optim\.lr=-1e-05: must be > 0"),
+    ("train-lr-negative", train("optim.lr=-1e-5"), r"optim\.lr=-1e-05: must be a finite number > 0"),
     ("train-betas-length", train("optim.betas=[0.9]"), r"optim\.betas=\[0\.9\]: expected a list of 2 floats"),
     ("train-betas-range", train("optim.betas=[0.9, 1.0]"), r"optim\.betas=\(0\.9, 1\.0\): each must lie in \[0, 1\)"),
     ("train-limit-negative", train("data.limit=-1"), r"data\.limit=-1: a limit is an integer >= 1"),
