@@ -203,7 +203,7 @@ def sample_groups(run: Run, prompts: PromptStream, meter=_NoMeter) -> tuple[list
     rows, rewards [groups, G]. With ``grpo.dynamic_sampling`` groups whose rewards do not spread are dropped and
     fresh prompts drawn, at most ``max_sampling_rounds`` draws (every rank draws as often as the neediest)."""
     cfg, G, P = run.cfg, run.cfg.grpo.group_size, run.cfg.grpo.prompts_per_step
-    rows, rewards, spec, drawn, rounds, seconds, tokens = [], [], None, 0, 0, 0.0, 0
+    rows, rewards, spec, drawn, rounds, seconds, tokens, total = [], [], None, 0, 0, 0.0, 0, 0.0
     with meter() as mem:
         while True:
             batch = prompts.draw()
@@ -221,6 +221,7 @@ def sample_groups(run: Run, prompts: PromptStream, meter=_NoMeter) -> tuple[list
                 scores = scores + soft_overlong_penalty(lengths, cfg.sampling.max_new_tokens,
                                                         cfg.reward.overlong_buffer, cfg.reward.overlong_penalty)
             scores = scores.view(-1, G)
+            total += float(scores.sum())
             keep = spread(scores) if cfg.grpo.dynamic_sampling else torch.ones(len(batch), dtype=torch.bool)
             for g in keep.nonzero().view(-1).tolist()[: P - len(rewards)]:
                 rows += res.rows[g * G:(g + 1) * G]
@@ -231,6 +232,7 @@ def sample_groups(run: Run, prompts: PromptStream, meter=_NoMeter) -> tuple[list
             if not run.dist.any(more):
                 break
     stats = {"sampled_groups": drawn, "kept_groups": len(rewards), "sampling_rounds": rounds,
+             "reward_sampled": total / (drawn * G),  # over every drawn group; "reward" is over the kept ones
              "rollout_tokens_per_s": tokens / max(seconds, 1e-9), "peak_bytes_rollout": mem.peak}
     empty = torch.zeros(0, G, device=run.device)
     return rows, torch.stack(rewards) if rewards else empty, spec, stats

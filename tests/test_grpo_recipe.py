@@ -54,6 +54,7 @@ def test_dynamic_sampling_refills_only_zero_spread_groups_and_normalises_by_the_
     prompts.position = 0
     traj = collect(run, prompts)
     assert traj.stats["sampled_groups"] == 4 and traj.stats["sampling_rounds"] == 2
+    assert traj.stats["reward_sampled"] == pytest.approx((2 + 1 + 3 + 2) / 16)  # every drawn group counts
     assert traj.rewards.tolist() == spread_a + spread_b
     prompts_of_rows = {tuple(r.prompt_ids) for r in traj.rows}
     tok = run.tok
