@@ -261,7 +261,7 @@ def teacher_forced(model, rows, loss_fn, temperature: float = 1.0) -> None:
     logits = model(input_ids=ids, position_ids=position_ids, use_cache=False, logits_to_keep=T).logits
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     logp = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
-    loss_fn(logp, slice(0, T)).backward()
+    loss_fn(logp, slice(None), slice(0, T)).backward()
 
 
 def training_step(model, adapter, optimizer, method: str, rows, window: int | None, device) -> None:
@@ -274,7 +274,7 @@ def training_step(model, adapter, optimizer, method: str, rows, window: int | No
     n, T = len(rows), max(len(r.completion_ids) for r in rows)
     tb = TokenBatch(advantages=torch.ones(n, 1, device=device), old_logp=torch.zeros(n, T, device=device),
                     mask=torch.ones(n, T, dtype=torch.bool, device=device), normalizer=float(n * T))
-    loss_fn = lambda logp, cols: clipped_token_loss(logp, tb, cols)[0]
+    loss_fn = lambda logp, rows, cols: clipped_token_loss(logp, tb, cols, rows=rows)[0]
     if method == "lora":
         teacher_forced(model, rows, loss_fn)
     else:

@@ -41,7 +41,7 @@ def _step(ctx, device):
                          normalizer=float(mask.sum()))
     opt = torch.optim.Adam(adapter.parameters(), lr=1e-3)
     rep = replay(ctx["model"], rows, CacheSpec(window=ctx["window"]), adapter=adapter,
-                 loss_fn=lambda logp, cols: grpo.clipped_token_loss(logp, tb, cols)[0])
+                 loss_fn=lambda logp, rows, cols: grpo.clipped_token_loss(logp, tb, cols, rows=rows)[0])
     torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
     opt.step()
     return rep, adapter
