@@ -92,9 +92,11 @@ def _generate(args) -> int:
 
 
 def _bench(args) -> int:
-    from pte.bench import bench_rollout, bench_train_memory
+    from pte.bench import bench_rollout, bench_train_memory, bench_train_step
 
-    if args.what == "rollout":
+    if args.what == "train-step":
+        bench_train_step(args.json, reps=args.reps)
+    elif args.what == "rollout":
         lengths = tuple(int(x) for x in (args.lengths or "256,512,1024,2048,4096").split(","))
         bench_rollout(args.json, lengths=lengths, window=args.window, batch=args.batch or 4)
     else:
@@ -279,11 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     b = sub.add_parser("bench", help="benchmarks (each configuration in a fresh subprocess)")
-    b.add_argument("what", choices=["rollout", "train-memory"])
+    b.add_argument("what", choices=["rollout", "train-memory", "train-step"])
     b.add_argument("--json", required=True, help="where to write the results (a PNG plot is written beside it)")
     b.add_argument("--lengths", default=None, help="comma-separated generation lengths")
     b.add_argument("--window", type=_positive_int, default=128)
     b.add_argument("--batch", type=_positive_int, default=None, help="default 4 for rollout, 1 for train-memory")
+    b.add_argument("--reps", type=_positive_int, default=3, help="train-step: timed repetitions per method (medians)")
     b.set_defaults(func=_bench)
 
     t = sub.add_parser("train", help="cache-aware GRPO training (LoRA / LoRA_c / PTE)")
