@@ -260,64 +260,67 @@ TRAIN_STEP_SETTINGS = {
 TRAIN_STEP_PHASES = ("rollout", "replay", "optimizer", "step")
 
 
-def train_step_worker(setting: str, reps: int = 3, passes: int = 2, threads: int = 1, **overrides) -> dict:
-    """One GRPO step per method, timed by phase: the rollout (no EOS, so every row generates ``length`` tokens),
-    then ``passes`` x (replay forward + backward with the clipped loss, gradient clip + Adam). The replayed rows are
-    sampled once, by the base model under the window, and replayed by both methods: identical tokens, segments and
-    evictions. Both methods live in this process, on two copies of the model, and alternate rep by rep (LoRA_c,
-    PTE, LoRA_c, ...), so a shared machine's load hits both alike; medians are reported."""
-    import copy
+class TrainStep:
+    """One setting of :data:`TRAIN_STEP_SETTINGS` set up for both methods: the base model's rows (sampled once,
+    under the window, no EOS, so every row has ``length`` tokens), and per method a copy of the model with its
+    adapter and Adam. :meth:`run` is one GRPO step, timed by phase: the method's rollout of the same prompts, then
+    ``passes`` x (replay forward + backward of the base rows with the clipped loss; gradient clip + Adam)."""
 
-    from pte.adapter import AdapterConfig, attach
-    from pte.grpo import TokenBatch, clipped_token_loss
-    from pte.replay import replay
-    from pte.rollout import CacheSpec, Sampling, rollout
+    def __init__(self, setting: str, passes: int = 2, **overrides):
+        import copy
 
-    torch.set_num_threads(threads)
-    s = TRAIN_STEP_SETTINGS[setting] | overrides
-    if s["model"] is None:
-        from pte.models import tiny_model
+        from pte.adapter import AdapterConfig, attach
+        from pte.rollout import CacheSpec, Sampling, rollout
 
-        base = tiny_model(**BENCH_MODEL, seed=0)
-        prompts = _prompts(s["rows"], 32)
-    else:
-        from pte.data import render_prompt
-        from pte.models import load
-        from pte.pretrain import recipe_task
+        s = self.settings = TRAIN_STEP_SETTINGS[setting] | overrides
+        if s["model"] is None:
+            from pte.models import tiny_model
 
-        path = Path(__file__).parent / "assets" / s["model"]
-        base, tok = load(str(path))
-        examples = recipe_task(path).examples(s["rows"], seed=0)
-        prompts = [render_prompt(tok, ex.prompt, "{prompt}") for ex in examples]
-    spec = CacheSpec(window=s["window"])
-    sampling = Sampling(max_new_tokens=s["length"], temperature=1.0)
-    rows = rollout(base, prompts, sampling, spec, generator=torch.Generator().manual_seed(0)).rows
-    g = torch.Generator().manual_seed(1)
-    adv = torch.randn(len(rows), 1, generator=g)
-    mask = torch.ones(len(rows), s["length"], dtype=torch.bool)
-    old = torch.tensor([r.logprobs for r in rows])
+            base = tiny_model(**BENCH_MODEL, seed=0)
+            self.prompts = _prompts(s["rows"], 32)
+        else:
+            from pte.data import render_prompt
+            from pte.models import load
+            from pte.pretrain import recipe_task
 
-    methods = {}
-    for method in ("lora_c", "pte"):
-        model = copy.deepcopy(base)
-        adapter = attach(model, AdapterConfig(method=method, rank=s["rank"], n_global=s["rank"]))
-        with torch.no_grad():
-            for lin in adapter.linears.values():  # a trained-like adapter: A = 0 would leave B without gradient
-                lin.A.normal_(0, 0.01, generator=torch.Generator().manual_seed(2))
-        methods[method] = (model, adapter, torch.optim.Adam(adapter.parameters(), lr=1e-4))
+            path = Path(__file__).parent / "assets" / s["model"]
+            base, tok = load(str(path))
+            examples = recipe_task(path).examples(s["rows"], seed=0)
+            self.prompts = [render_prompt(tok, ex.prompt, "{prompt}") for ex in examples]
+        self.passes = passes
+        self.spec = CacheSpec(window=s["window"])
+        self.sampling = Sampling(max_new_tokens=s["length"], temperature=1.0)
+        self.rows = rollout(base, self.prompts, self.sampling, self.spec, generator=torch.Generator().manual_seed(0)).rows
+        self.adv = torch.randn(len(self.rows), 1, generator=torch.Generator().manual_seed(1))
+        self.mask = torch.ones(len(self.rows), s["length"], dtype=torch.bool)
+        self.old = torch.tensor([r.logprobs for r in self.rows])
+        self.methods = {}
+        for method in ("lora_c", "pte"):
+            model = copy.deepcopy(base)
+            adapter = attach(model, AdapterConfig(method=method, rank=s["rank"], n_global=s["rank"]))
+            with torch.no_grad():
+                for lin in adapter.linears.values():  # a trained-like adapter: A = 0 would leave B without gradient
+                    lin.A.normal_(0, 0.01, generator=torch.Generator().manual_seed(2))
+            self.methods[method] = (model, adapter, torch.optim.Adam(adapter.parameters(), lr=1e-4))
 
-    def step(model, adapter, optimizer) -> dict:
+    def run(self, method: str) -> dict:
+        from pte.grpo import TokenBatch, clipped_token_loss
+        from pte.replay import replay
+        from pte.rollout import rollout
+
+        model, adapter, optimizer = self.methods[method]
         t = {}
         start = time.perf_counter()
-        rollout(model, prompts, sampling, spec, generator=torch.Generator().manual_seed(0), adapter=adapter)
+        rollout(model, self.prompts, self.sampling, self.spec, generator=torch.Generator().manual_seed(0),
+                adapter=adapter)
         t["rollout"] = time.perf_counter() - start
         t["replay"] = t["optimizer"] = 0.0
-        tb = TokenBatch(advantages=adv, old_logp=old, mask=mask, normalizer=float(mask.sum()))
-        loss_fn = lambda logp, r, c: clipped_token_loss(logp, tb, c, rows=r)[0]
-        for _ in range(passes):
+        tb = TokenBatch(advantages=self.adv, old_logp=self.old, mask=self.mask, normalizer=float(self.mask.sum()))
+        loss_fn = lambda logp, rows, cols: clipped_token_loss(logp, tb, cols, rows=rows)[0]
+        for _ in range(self.passes):
             optimizer.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
-            replay(model, rows, spec, adapter=adapter, loss_fn=loss_fn)
+            replay(model, self.rows, self.spec, adapter=adapter, loss_fn=loss_fn)
             t1 = time.perf_counter()
             torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
             optimizer.step()
@@ -326,15 +329,21 @@ def train_step_worker(setting: str, reps: int = 3, passes: int = 2, threads: int
         t["step"] = time.perf_counter() - start
         return t
 
-    times = {m: {p: [] for p in TRAIN_STEP_PHASES} for m in methods}
+
+def train_step_worker(setting: str, reps: int = 3, passes: int = 2, threads: int = 1, **overrides) -> dict:
+    """:class:`TrainStep` for both methods in this process, alternating rep by rep (LoRA_c, PTE, LoRA_c, ...)
+    after one warm-up step each, so a shared machine's load hits both alike; medians per phase."""
+    torch.set_num_threads(threads)
+    bench = TrainStep(setting, passes, **overrides)
+    times = {m: {p: [] for p in TRAIN_STEP_PHASES} for m in bench.methods}
     for rep in range(reps + 1):  # rep 0 warms up
-        for m, parts in methods.items():
-            t = step(*parts)
+        for m in bench.methods:
+            t = bench.run(m)
             if rep:
                 for p in TRAIN_STEP_PHASES:
                     times[m][p].append(t[p])
     med = {m: {p: statistics.median(v) for p, v in tm.items()} for m, tm in times.items()}
-    return {"setting": setting, **{k: v for k, v in s.items()}, "passes": passes, "reps": reps, "threads": threads,
+    return {"setting": setting, **bench.settings, "passes": passes, "reps": reps, "threads": threads,
             "median_s": med, "all_s": times,
             "ratio": {p: med["pte"][p] / med["lora_c"][p] for p in TRAIN_STEP_PHASES}}
 
