@@ -209,14 +209,16 @@ class Adapter:
                 p.copy_(tensors[k])
 
     # -- the state --------------------------------------------------------------------------------------------
-    def new_state(self, batch: int, exact_history: bool = False) -> ThoughtState | None:
+    def new_state(self, batch: int, exact_history: bool = False, share_globals: bool | None = None) -> ThoughtState | None:
         """A fresh per-sequence state for ``batch`` rows (``None`` for the stateless methods); subscribe it to the
-        cache so evictions update it. ``exact_history``: see :mod:`pte.history` (replay only)."""
+        cache so evictions update it. ``exact_history``: see :mod:`pte.history` (replay only); ``share_globals``:
+        see :class:`pte.thought.SharedGlobals` (with grad, the caller then calls ``backward_globals()``)."""
         if not self.config.stateful:
             return None
         c = self.config
         return ThoughtState(self.encoders, self.slots, batch, attention=c.state_attention, update=c.state_update,
-                            ablation=c.ablation, key_rope=c.key_rope, exact_history=exact_history)
+                            ablation=c.ablation, key_rope=c.key_rope, exact_history=exact_history,
+                            share_globals=share_globals)
 
     @contextlib.contextmanager
     def disabled(self):
