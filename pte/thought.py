@@ -269,8 +269,9 @@ class ThoughtState(CacheListener):
 
     ``history[i]`` is what layer i carries between evictions: the evicted tokens' :class:`Summary` (softmax),
     ``sum_k S'_k`` (linear, accumulate) or the latest state (linear, recursive); ``None`` before the first
-    eviction. The global tokens' part is recomputed from the parameters whenever the state is (see
-    :meth:`refresh`), so it always carries a graph. With ``exact_history`` (replay, ``state_grad="history"``) the
+    eviction. The global tokens' part (:class:`Globals`) comes from the parameters: read from one
+    :class:`SharedGlobals` (``share_globals``; by default when built under no grad), or recomputed whenever the
+    state is (see :meth:`refresh`), so it always carries a graph. With ``exact_history`` (replay, ``state_grad="history"``) the
     history is kept as :mod:`pte.history`'s fixed-size statistics instead, whose read carries the exact gradient
     through every past eviction. States and histories are in the encoders' dtype (fp32) for any base dtype.
     """
