@@ -92,11 +92,14 @@ def _generate(args) -> int:
 
 
 def _bench(args) -> int:
-    from pte.bench import bench_paper_memory, bench_rollout, bench_train_memory
+    from pte.bench import bench_paper_memory, bench_rollout, bench_train_memory, bench_train_step
 
     if args.what == "paper-memory":
         lengths = tuple(int(x) for x in (args.lengths or "3072,6144,16384,65536").split(","))
         bench_paper_memory(args.json, lengths=lengths, window=args.window or 1024)
+        return 0
+    if args.what == "train-step":
+        bench_train_step(args.json, reps=args.reps)
         return 0
     args.window = args.window or 128
     if args.what == "rollout":
@@ -284,12 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     b = sub.add_parser("bench", help="benchmarks (each configuration in a fresh subprocess)")
-    b.add_argument("what", choices=["rollout", "train-memory", "paper-memory"],
+    b.add_argument("what", choices=["rollout", "train-memory", "paper-memory", "train-step"],
                    help="paper-memory: the paper's 3B/7B/8B models' training step on fake tensors (docs/paper_memory.md)")
     b.add_argument("--json", required=True, help="where to write the results (a PNG plot is written beside it)")
     b.add_argument("--lengths", default=None, help="comma-separated generation lengths")
     b.add_argument("--window", type=_positive_int, default=None, help="default 128; 1024 for paper-memory")
     b.add_argument("--batch", type=_positive_int, default=None, help="default 4 for rollout, 1 for train-memory")
+    b.add_argument("--reps", type=_positive_int, default=3, help="train-step: timed repetitions per method (medians)")
     b.set_defaults(func=_bench)
 
     t = sub.add_parser("train", help="cache-aware GRPO training (LoRA / LoRA_c / PTE)")
