@@ -121,7 +121,8 @@ class AdaptedLinear(nn.Module):
         z = F.linear(x, self.B.to(x.dtype))  # [batch, seq, r]
         state = self.slot.state
         if state is not None:  # [batch, n_g, r]: z -> z S^T, [batch, seq, n_g]
-            z = torch.matmul(z, state.transpose(-1, -2).to(x.dtype))
+            s_t = state.transpose(-1, -2).to(x.dtype)
+            z = torch.bmm(z, s_t) if z.dim() == 3 else torch.matmul(z, s_t)  # bmm: fewer dispatches than matmul
         return y + self.scale * F.linear(z, self.A.to(x.dtype))
 
 
@@ -208,14 +209,16 @@ class Adapter:
                 p.copy_(tensors[k])
 
     # -- the state --------------------------------------------------------------------------------------------
-    def new_state(self, batch: int, exact_history: bool = False) -> ThoughtState | None:
+    def new_state(self, batch: int, exact_history: bool = False, share_globals: bool | None = None) -> ThoughtState | None:
         """A fresh per-sequence state for ``batch`` rows (``None`` for the stateless methods); subscribe it to the
-        cache so evictions update it. ``exact_history``: see :mod:`pte.history` (replay only)."""
+        cache so evictions update it. ``exact_history``: see :mod:`pte.history` (replay only); ``share_globals``:
+        see :class:`pte.thought.SharedGlobals` (with grad, the caller then calls ``backward_globals()``)."""
         if not self.config.stateful:
             return None
         c = self.config
         return ThoughtState(self.encoders, self.slots, batch, attention=c.state_attention, update=c.state_update,
-                            ablation=c.ablation, key_rope=c.key_rope, exact_history=exact_history)
+                            ablation=c.ablation, key_rope=c.key_rope, exact_history=exact_history,
+                            share_globals=share_globals)
 
     @contextlib.contextmanager
     def disabled(self):

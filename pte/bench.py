@@ -5,12 +5,15 @@
 (b) pte's rollout engine with a full cache, (c) pte's rollout engine under the bounded cache.
 The model is a randomly initialised Llama built in code (:data:`BENCH_MODEL`); EOS is disabled so every row
 generates exactly ``length`` tokens; sampling is plain temperature-1 multinomial in all three.
+
+``pte bench train-step``: wall time of one GRPO step of LoRA_c and PTE on identical rows (:func:`train_step_worker`).
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -179,7 +182,7 @@ def _run_bench(kind: str, configs: list[dict], out: str, plot, table, describe) 
 def _run_workers(kind: str, configs: list[dict], describe) -> list[dict]:
     results = []
     for i, cfg in enumerate(configs, 1):
-        label = " ".join(f"{k}={v}" for k, v in cfg.items() if k in ("engine", "method", "length"))
+        label = " ".join(f"{k}={v}" for k, v in cfg.items() if k in ("engine", "method", "length", "setting"))
         print(f"[{i}/{len(configs)}] {label} ...", end=" ", flush=True, file=sys.stderr)
         proc = subprocess.run([sys.executable, "-m", "pte.bench", kind, json.dumps(cfg)], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -289,10 +292,132 @@ def paper_memory_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-WORKERS = {"rollout-worker": rollout_worker, "train-memory-worker": train_memory_worker}
+# -- train-step -------------------------------------------------------------------------------------------------
+# "demo": the demo's model (a directory under pte/assets/), rank and window (the shipped base model, rank 8, window 8), 64 rows of 66 tokens;
+# "long": a random-init model (BENCH_MODEL), rank 32, window 128, 2048 tokens, few rows.
+TRAIN_STEP_SETTINGS = {
+    "demo": dict(model="long_range_base", rank=8, window=8, rows=64, length=66),
+    "long": dict(model=None, rank=32, window=128, rows=2, length=2048),
+}
+TRAIN_STEP_PHASES = ("rollout", "replay", "optimizer", "step")
+
+
+class TrainStep:
+    """One setting of :data:`TRAIN_STEP_SETTINGS` set up for both methods: the base model's rows (sampled once,
+    under the window, no EOS, so every row has ``length`` tokens), and per method a copy of the model with its
+    adapter and Adam. :meth:`run` is one GRPO step, timed by phase: the method's rollout of the same prompts, then
+    ``passes`` x (replay forward + backward of the base rows with the clipped loss; gradient clip + Adam)."""
+
+    def __init__(self, setting: str, passes: int = 2, **overrides):
+        import copy
+
+        from pte.adapter import AdapterConfig, attach
+        from pte.rollout import CacheSpec, Sampling, rollout
+
+        s = self.settings = TRAIN_STEP_SETTINGS[setting] | overrides
+        if s["model"] is None:
+            from pte.models import tiny_model
+
+            base = tiny_model(**BENCH_MODEL, seed=0)
+            self.prompts = _prompts(s["rows"], 32)
+        else:
+            from pte.data import render_prompt
+            from pte.models import load
+            from pte.pretrain import recipe_task
+
+            path = Path(__file__).parent / "assets" / s["model"]
+            base, tok = load(str(path))
+            examples = recipe_task(path).examples(s["rows"], seed=0)
+            self.prompts = [render_prompt(tok, ex.prompt, "{prompt}") for ex in examples]
+        self.passes = passes
+        self.spec = CacheSpec(window=s["window"])
+        self.sampling = Sampling(max_new_tokens=s["length"], temperature=1.0)
+        self.rows = rollout(base, self.prompts, self.sampling, self.spec, generator=torch.Generator().manual_seed(0)).rows
+        self.adv = torch.randn(len(self.rows), 1, generator=torch.Generator().manual_seed(1))
+        self.mask = torch.ones(len(self.rows), s["length"], dtype=torch.bool)
+        self.old = torch.tensor([r.logprobs for r in self.rows])
+        self.methods = {}
+        for method in ("lora_c", "pte"):
+            model = copy.deepcopy(base)
+            adapter = attach(model, AdapterConfig(method=method, rank=s["rank"], n_global=s["rank"]))
+            with torch.no_grad():
+                for lin in adapter.linears.values():  # a trained-like adapter: A = 0 would leave B without gradient
+                    lin.A.normal_(0, 0.01, generator=torch.Generator().manual_seed(2))
+            self.methods[method] = (model, adapter, torch.optim.Adam(adapter.parameters(), lr=1e-4))
+
+    def run(self, method: str) -> dict:
+        from pte.grpo import TokenBatch, clipped_token_loss
+        from pte.replay import replay
+        from pte.rollout import rollout
+
+        model, adapter, optimizer = self.methods[method]
+        t = {}
+        start = time.perf_counter()
+        rollout(model, self.prompts, self.sampling, self.spec, generator=torch.Generator().manual_seed(0),
+                adapter=adapter)
+        t["rollout"] = time.perf_counter() - start
+        t["replay"] = t["optimizer"] = 0.0
+        tb = TokenBatch(advantages=self.adv, old_logp=self.old, mask=self.mask, normalizer=float(self.mask.sum()))
+        loss_fn = lambda logp, rows, cols: clipped_token_loss(logp, tb, cols, rows=rows)[0]
+        for _ in range(self.passes):
+            optimizer.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            replay(model, self.rows, self.spec, adapter=adapter, loss_fn=loss_fn)
+            t1 = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
+            optimizer.step()
+            t["replay"] += t1 - t0
+            t["optimizer"] += time.perf_counter() - t1
+        t["step"] = time.perf_counter() - start
+        return t
+
+
+def train_step_worker(setting: str, reps: int = 3, passes: int = 2, threads: int = 1, **overrides) -> dict:
+    """:class:`TrainStep` for both methods in this process, alternating rep by rep (LoRA_c, PTE, LoRA_c, ...)
+    after one warm-up step each, so a shared machine's load hits both alike; medians per phase."""
+    torch.set_num_threads(threads)
+    bench = TrainStep(setting, passes, **overrides)
+    times = {m: {p: [] for p in TRAIN_STEP_PHASES} for m in bench.methods}
+    for rep in range(reps + 1):  # rep 0 warms up
+        for m in bench.methods:
+            t = bench.run(m)
+            if rep:
+                for p in TRAIN_STEP_PHASES:
+                    times[m][p].append(t[p])
+    med = {m: {p: statistics.median(v) for p, v in tm.items()} for m, tm in times.items()}
+    return {"setting": setting, **bench.settings, "passes": passes, "reps": reps, "threads": threads,
+            "median_s": med, "all_s": times,
+            "ratio": {p: med["pte"][p] / med["lora_c"][p] for p in TRAIN_STEP_PHASES}}
+
+
+def bench_train_step(out: str, settings=("demo", "long"), reps: int = 3, threads: int = 1, **overrides) -> list[dict]:
+    """Each setting in its own subprocess; JSON (atomic) and the ratio table on stdout."""
+    configs = [dict(setting=s, reps=reps, threads=threads, **overrides) for s in settings]
+    results = _run_workers("train-step-worker", configs,
+                           lambda r: "PTE / LoRA_c step " + f"{r['ratio']['step']:.2f}x")
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(results, indent=1))
+    print(train_step_table(results))
+    return results
+
+
+def train_step_table(results: list[dict]) -> str:
+    lines = ["| setting | phase | LoRA_c s | PTE s | PTE / LoRA_c |", "|---|---|---:|---:|---:|"]
+    for r in results:
+        label = f"{r['setting']} ({r['rows']} rows x {r['length']} tokens, window {r['window']}, rank {r['rank']})"
+        for p in TRAIN_STEP_PHASES:
+            lc, pt = r["median_s"]["lora_c"][p], r["median_s"]["pte"][p]
+            lines.append(f"| {label} | {p} | {lc:.3f} | {pt:.3f} | {pt / lc:.2f} |")
+            label = ""
+    return "\n".join(lines)
+
+
+WORKERS = {"rollout-worker": rollout_worker, "train-memory-worker": train_memory_worker,
+           "train-step-worker": train_step_worker}
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] in WORKERS:
         print(json.dumps(WORKERS[sys.argv[1]](**json.loads(sys.argv[2]))))
     else:
-        sys.exit("usage: python -m pte.bench {rollout-worker|train-memory-worker} JSON (use `pte bench` instead)")
+        sys.exit("usage: python -m pte.bench {rollout-worker|train-memory-worker|train-step-worker} JSON (use `pte bench` instead)")

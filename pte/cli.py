@@ -28,13 +28,38 @@ def _read_text(path: str, flag: str) -> str:
         raise ValueError(f"{flag} {path}: not UTF-8 text (byte {exc.start + 1}); save it as UTF-8") from None
 
 
+def _load_model(args):
+    """``--model`` with ``--dtype``, ``--device`` and ``--attn`` (generate and eval). -> (model, tokenizer)."""
+    from pte.models import load
+
+    return load(args.model, dtype=args.dtype, device=args.device, attn=args.attn)
+
+
+def _load_adapter(model, args):
+    """``--adapter`` (``--strict``) attached to ``model``, or None without one."""
+    if not args.adapter:
+        return None
+    from pte.adapter import load as load_adapter
+
+    return load_adapter(model, args.adapter, strict=args.strict)
+
+
+def _sampling(args, model, tok):
+    """The sampling flags; the stop ids are the model's (EOS and the generation config's end-of-turn ids)."""
+    from pte.rollout import Sampling
+    from pte.tokens import stop_token_ids
+
+    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, eos_token_ids=stop_token_ids(model, tok), stop_strings=tuple(args.stop or ()))
+
+
 def _generate(args) -> int:
     import torch
 
-    from pte.models import check_device, check_positions, load
     from pte.data import render_prompt
-    from pte.rollout import CacheSpec, Sampling, rollout
-    from pte.tokens import pad_token_id, stop_token_ids
+    from pte.models import check_device, check_positions
+    from pte.rollout import CacheSpec, rollout
+    from pte.tokens import pad_token_id
 
     if args.prompt_file:
         prompt = _read_text(args.prompt_file, "--prompt-file")
@@ -51,12 +76,9 @@ def _generate(args) -> int:
         from pte.adapter import read_config
 
         read_config(args.adapter)  # a bad --adapter fails before the model loads
-    model, tok = load(args.model, dtype=args.dtype, device=args.device, attn=args.attn)
-    adapter = None
-    if args.adapter:
-        from pte.adapter import load as load_adapter
-
-        adapter = load_adapter(model, args.adapter, strict=args.strict)
+    model, tok = _load_model(args)
+    adapter = _load_adapter(model, args)
+    if adapter is not None:
         trained = (read_config(args.adapter).get("cache") or {}).get("window")
         if trained is not None and args.cache_window is None:
             print(f"[pte] note: adapter was trained with window {trained}; running with a full cache "
@@ -65,11 +87,9 @@ def _generate(args) -> int:
         raise ValueError(f"{args.model}: the tokenizer has no chat template; drop --chat")
     ids = render_prompt(tok, prompt, "chat" if args.chat else "{prompt}")
     check_positions(model, len(ids), args.max_new_tokens)
-    stops = stop_token_ids(model, tok)
-    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        top_k=args.top_k, eos_token_ids=stops, stop_strings=tuple(args.stop or ()))
+    sampling = _sampling(args, model, tok)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    pad = pad_token_id(tok, stops)
+    pad = pad_token_id(tok, sampling.eos_token_ids)
     res = rollout(model, [ids], sampling, cache, pad_token_id=pad, tokenizer=tok, generator=gen, adapter=adapter)
     row = res.rows[0]
     completion = tok.decode(row.completion_ids, skip_special_tokens=True)
@@ -92,11 +112,14 @@ def _generate(args) -> int:
 
 
 def _bench(args) -> int:
-    from pte.bench import bench_paper_memory, bench_rollout, bench_train_memory
+    from pte.bench import bench_paper_memory, bench_rollout, bench_train_memory, bench_train_step
 
     if args.what == "paper-memory":
         lengths = tuple(int(x) for x in (args.lengths or "3072,6144,16384,65536").split(","))
         bench_paper_memory(args.json, lengths=lengths, window=args.window or 1024)
+        return 0
+    if args.what == "train-step":
+        bench_train_step(args.json, reps=args.reps)
         return 0
     args.window = args.window or 128
     if args.what == "rollout":
@@ -192,10 +215,145 @@ def _demo(args) -> int:
 
 
 def _eval(args) -> int:
-    from pte.evaluate import compare, run_command
+    from pte.evaluate import compare
 
-    print(compare(args.compare, args.out) if args.compare else run_command(args))
+    print(compare(args.compare, args.out) if args.compare else _eval_run(args))
     return 0
+
+
+def _task_options(items: list[str] | None) -> dict:
+    options = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--task-option {item!r}: expected KEY=VALUE, e.g. filler=40")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+# the flags a resumed evaluation must share with the run it continues (saved in its eval_state.json)
+RESUME_KEYS = ("model", "adapter", "benchmark", "data_dir", "limit", "prompt_field", "answer_field", "answer_format",
+               "task_option", "cache_window", "cache_budget", "question_tokens", "evict_fraction", "policy", "n", "k",
+               "max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "batch_size", "chat", "dtype",
+               "device", "attn")
+
+
+def _check_resume(out: Path, settings: dict) -> None:
+    from pte.evaluate import STATE_FILE
+
+    state = out / STATE_FILE
+    if not state.is_file():
+        raise ValueError(f"--resume: {out} holds no evaluation to continue (no {STATE_FILE}); run without --resume")
+    try:
+        before = json.loads(state.read_text(encoding="utf-8"))["settings"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise ValueError(f"--resume: {state} is damaged; run without --resume to start over") from None
+    changed = [f"--{k.replace('_', '-')} was {before.get(k)!r}, now {v!r}" for k, v in settings.items()
+               if before.get(k) != v]
+    if changed:
+        raise ValueError(f"--resume: the flags differ from the run in {out}: {'; '.join(changed[:4])}; resume with the "
+                         "same flags, or run without --resume to start over")
+
+
+def _eval_flags(args) -> dict:
+    """The cheap checks of ``pte eval``, before anything loads: the flags, ``--out`` and a resume's settings.
+    -> ks, sized_by, sizes and the settings to save."""
+    from pte.data import check_limit
+    from pte.evaluate import check_ks, check_out, parse_sizes
+    from pte.rollout import CacheSpec
+
+    if not args.model or not args.benchmark:
+        raise ValueError("pte eval needs --model and --benchmark (or --compare DIR ... to merge earlier runs)")
+    if args.max_new_tokens is None:
+        raise ValueError("pass --max-new-tokens T (the paper evaluates with 3072; AIME with 6144)")
+    if args.cache_window and args.cache_budget:
+        raise ValueError("pass either --cache-window (thought tokens) or --cache-budget (question + window), not both")
+    if args.question_tokens is not None and not args.cache_budget:
+        raise ValueError("--question-tokens splits a --cache-budget; with --cache-window the whole prompt is kept")
+    check_limit(args.limit, "--limit")
+    try:
+        ks = tuple(int(k) for k in args.k.split(","))
+    except ValueError:
+        raise ValueError(f"--k {args.k}: expected comma-separated integers, e.g. 1,4,16") from None
+    check_ks(ks, args.n)
+    CacheSpec(None, args.evict_fraction, args.policy).validate()  # an unknown policy, before the model loads
+    sized_by = "budget" if args.cache_budget else "window"
+    sizes = parse_sizes(args.cache_budget or args.cache_window or "full",
+                        "--cache-budget" if args.cache_budget else "--cache-window")
+    check_out(args.out)
+    settings = {key: getattr(args, key) for key in RESUME_KEYS}
+    if args.resume:
+        _check_resume(Path(args.out), settings)
+    return dict(ks=ks, sized_by=sized_by, sizes=sizes, settings=settings)
+
+
+def _eval_run(args) -> str:
+    """``pte eval`` without ``--compare``: checks the cheap things first, then loads, sweeps and writes as it goes."""
+    import signal
+
+    from pte.checkpoint import code_version
+    from pte.evaluate import (STATE_FILE, Interrupted, MathScorer, clear_previous, evaluate, load_problems,
+                              read_predictions, render_prompts, sigterm_raises, size_label, split_budget, write_run)
+    from pte.files import write_text_atomic
+    from pte.models import check_device, check_positions
+    from pte.rollout import CacheSpec
+
+    flags = _eval_flags(args)
+    ks, sized_by, out = flags["ks"], flags["sized_by"], Path(args.out)
+    check_device(args.device)
+    examples, score = load_problems(args.benchmark, data_dir=args.data_dir, limit=args.limit, seed=args.seed,
+                                    prompt_field=args.prompt_field, answer_field=args.answer_field,
+                                    answer_format=args.answer_format, task_options=_task_options(args.task_option))
+    results = []
+    try:
+        model, tok = _load_model(args)
+        adapter, method = _load_adapter(model, args), "base"
+        if args.adapter:
+            from pte.adapter import read_config
+
+            method = read_config(args.adapter)["adapter"]["method"]
+        lengths = [len(p) for p in render_prompts(tok, examples, args.chat)]
+        check_positions(model, max(lengths), args.max_new_tokens)
+        runs = []
+        for size in flags["sizes"]:
+            window = size if size is None or sized_by == "window" else split_budget(size, lengths, args.question_tokens)
+            runs.append((CacheSpec(window, args.evict_fraction, args.policy), size if sized_by == "budget" else None))
+        sampling = _sampling(args, model, tok)
+        out.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            gone = clear_previous(out)
+            if gone:
+                print(f"[pte] --out {out}: replaced a previous evaluation ({len(gone)} files); pass --resume to "
+                      "continue an interrupted one instead", file=sys.stderr)
+            write_text_atomic(out / STATE_FILE, json.dumps({"settings": flags["settings"]}, indent=1))
+        total = len(examples) * args.n
+        with sigterm_raises():
+            try:
+                for spec, budget in runs:
+                    label = size_label(spec.window, budget)
+                    path = out / f"predictions-{label}.jsonl"
+                    done = read_predictions(path, args.batch_size, total) if args.resume else []
+                    results.append(evaluate(model, tok, examples, score, spec=spec, sampling=sampling, n_samples=args.n,
+                                            ks=ks, batch_size=args.batch_size, adapter=adapter, chat=args.chat,
+                                            seed=args.seed, budget=budget, label=label, predictions=path, done=done))
+            except KeyboardInterrupt as exc:
+                signum = getattr(exc, "signum", signal.SIGINT)
+                saved = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in out.glob("predictions-*.jsonl"))
+                raise Interrupted(f"interrupted ({signal.Signals(signum).name}); {saved} samples are saved in {out}: "
+                                  "run the same command with --resume to continue", signum) from None
+    finally:
+        if isinstance(score, MathScorer):
+            score.close()
+    config = dict(model=args.model, adapter=args.adapter, method=method, benchmark=args.benchmark,
+                  problems=len(examples), n=args.n, ks=list(ks), max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=args.chat,
+                  sized_by=sized_by, question_tokens=args.question_tokens, evict_fraction=args.evict_fraction,
+                  policy=args.policy, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                  task_options=_task_options(args.task_option), code_version=code_version())
+    return write_run(out, results, config, predictions=False)
 
 
 def _int(text: str, low: int) -> int:
@@ -250,15 +408,35 @@ class _Parser(argparse.ArgumentParser):
 POLICY_HELP = f"eviction policy, one of {', '.join(POLICIES)} (sliding: the paper's)"
 
 
+def _decoding_flags() -> argparse.ArgumentParser:
+    """The flags ``generate`` and ``eval`` share (a parent parser): the cache policy, sampling, and how the model
+    and adapter load. Flags whose help or default differs between the two stay with each command."""
+    parent = argparse.ArgumentParser(add_help=False)
+    p = parent.add_argument_group("cache, sampling and loading (shared by generate and eval)")
+    p.add_argument("--evict-fraction", type=_float, default=0.25, help="fraction of the window evicted when full")
+    p.add_argument("--policy", default="sliding", help=POLICY_HELP)
+    p.add_argument("--temperature", type=_float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-p", type=_float, default=1.0)
+    p.add_argument("--top-k", type=_count, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--strict", action="store_true", help="refuse an adapter trained on a differently named base model "
+                   "(default: a warning)")
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    decoding = _decoding_flags()
     parser = _Parser(prog="pte", description="Progressive Thought Encoding: reasoning under a bounded KV cache")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_parser = sub.add_parser
-    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)
+    sub.add_parser = lambda *a, parents=(), **k: _add_parser(*a, parents=[common, *parents], **k)
 
-    g = sub.add_parser("generate", help="generate a completion under a bounded (or full) KV cache")
+    g = sub.add_parser("generate", parents=[decoding], help="generate a completion under a bounded (or full) KV cache")
     g.add_argument("--model", required=True, help="a directory written by save_pretrained, or a hub name")
     prompt = g.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="the question text")
@@ -266,30 +444,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--cache-window", type=_positive_int, default=None,
                    help="thought tokens kept on top of the question (default: full cache)")
-    g.add_argument("--evict-fraction", type=_float, default=0.25, help="fraction of the window evicted when full")
-    g.add_argument("--policy", default="sliding", help=POLICY_HELP)
     g.add_argument("--max-new-tokens", type=_positive_int, required=True)
-    g.add_argument("--temperature", type=_float, default=1.0, help="0 is greedy")
-    g.add_argument("--top-p", type=_float, default=1.0)
-    g.add_argument("--top-k", type=_count, default=0)
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     g.add_argument("--adapter", help="a trained adapter directory (its thought state updates on every eviction)")
-    g.add_argument("--strict", action="store_true", help="refuse an adapter trained on a differently named base model "
-                   "(default: a warning)")
     g.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
     g.set_defaults(func=_generate)
 
     b = sub.add_parser("bench", help="benchmarks (each configuration in a fresh subprocess)")
-    b.add_argument("what", choices=["rollout", "train-memory", "paper-memory"],
+    b.add_argument("what", choices=["rollout", "train-memory", "paper-memory", "train-step"],
                    help="paper-memory: the paper's 3B/7B/8B models' training step on fake tensors (docs/paper_memory.md)")
     b.add_argument("--json", required=True, help="where to write the results (a PNG plot is written beside it)")
     b.add_argument("--lengths", default=None, help="comma-separated generation lengths")
     b.add_argument("--window", type=_positive_int, default=None, help="default 128; 1024 for paper-memory")
     b.add_argument("--batch", type=_positive_int, default=None, help="default 4 for rollout, 1 for train-memory")
+    b.add_argument("--reps", type=_positive_int, default=3, help="train-step: timed repetitions per method (medians)")
     b.set_defaults(func=_bench)
 
     t = sub.add_parser("train", help="cache-aware GRPO training (LoRA / LoRA_c / PTE)")
@@ -361,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="outputs/demo")
     d.set_defaults(func=_demo)
 
-    v = sub.add_parser("eval", help="accuracy (pass@1 with 95%% CI, pass@k) under a bounded KV cache, swept over sizes",
+    v = sub.add_parser("eval", parents=[decoding], help="accuracy (pass@1 with 95%% CI, pass@k) under a bounded KV cache, swept over sizes",
                        description="Writes predictions-<label>.jsonl per cache size (as it goes), summary.md/.csv/.json "
                                    "and accuracy.png to --out. --resume continues an interrupted run; without it a "
                                    "previous run's files in --out are replaced. With --compare DIR ..., merges earlier "
@@ -382,25 +550,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "256); window = B - the longest prompt of the set (or - --question-tokens), the same for every row")
     v.add_argument("--question-tokens", type=_positive_int, help="with --cache-budget: reserve this many tokens for the "
                    "question instead of the longest prompt (the paper's Fig. 6 uses 512)")
-    v.add_argument("--evict-fraction", type=_float, default=0.25, help="fraction of the window evicted when full")
-    v.add_argument("--policy", default="sliding", help=POLICY_HELP)
     v.add_argument("--n", type=_positive_int, default=1, help="samples per problem (pass@1 is their mean)")
     v.add_argument("--k", default="1", help="comma-separated k for pass@k, each <= --n (the paper's AIME: 16)")
     v.add_argument("--max-new-tokens", type=_positive_int, help="generation limit per sample")
-    v.add_argument("--temperature", type=_float, default=1.0, help="0 is greedy")
-    v.add_argument("--top-p", type=_float, default=1.0)
-    v.add_argument("--top-k", type=_count, default=0)
-    v.add_argument("--stop", action="append", help="stop string (repeatable)")
     v.add_argument("--seed", type=int, default=0, help="sampling seed (and the task generator's seed)")
     v.add_argument("--batch-size", type=_positive_int, default=16, help="samples generated together (and written "
                    "to the predictions files together)")
     v.add_argument("--chat", action="store_true", help="wrap each question in the tokenizer's chat template")
-    v.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    v.add_argument("--device", default="cpu")
-    v.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     v.add_argument("--compare", nargs="+", metavar="DIR", help="merge the summary.json of earlier runs")
-    v.add_argument("--strict", action="store_true", help="refuse an adapter trained on a "
-                   "differently named base model (default: a warning)")
     v.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out with the same "
                    "flags: complete batches are kept, the rest is sampled again (same results as one run)")
     v.add_argument("--out", required=True, help="output directory. Predictions are appended there batch by batch; "

@@ -1,4 +1,5 @@
-"""``pte eval``: accuracy under a bounded KV cache, swept over cache sizes, with confidence intervals.
+"""Accuracy under a bounded KV cache, swept over cache sizes, with confidence intervals: the library behind
+``pte eval`` (the command itself, its flags and ``--resume`` checks, is in :mod:`pte.cli`).
 
 **Cache sizing.** A *window* counts thought tokens kept on top of the question, as in ``pte generate``. A
 *budget* is the paper's total per sequence: kept question (its "sink") tokens plus the sliding window (Fig. 6:
@@ -50,7 +51,7 @@ from pte.memory import peak_rss_bytes, reset_peak_rss
 from pte.passk import pass_at_k
 from pte.rewards import extract_answer
 from pte.rollout import CacheSpec, Sampling, rollout
-from pte.tokens import pad_token_id, stop_token_ids
+from pte.tokens import pad_token_id
 
 Z95 = 1.959963984540054
 TASK_PROBLEMS = 100  # problems generated for a task benchmark when --limit is not given
@@ -131,6 +132,10 @@ def parse_sizes(text: str, flag: str) -> list[int | None]:
             raise ValueError(f"{flag} {text}: {part} is listed twice; each size is one run")
         out.append(value)
     return out
+
+
+def size_label(window: int | None, budget: int | None) -> str:
+    return "full" if window is None else f"b{budget}" if budget is not None else f"w{window}"
 
 
 def split_budget(budget: int, prompt_lengths: list[int], question_tokens: int | None = None) -> int:
@@ -323,7 +328,7 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-class _sigterm_raises:
+class sigterm_raises:
     """SIGTERM raises :class:`Interrupted` in the main thread (as Ctrl-C raises KeyboardInterrupt), so the batch
     in progress is abandoned and everything written so far stays."""
 
@@ -504,135 +509,3 @@ def compare(dirs: list[str], out: str | Path) -> str:
     plot_accuracy(out / "accuracy.png", lines, title)
     return text
 
-
-# -- the command -------------------------------------------------------------------------------------------------------
-def _task_options(items: list[str] | None) -> dict:
-    options = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--task-option {item!r}: expected KEY=VALUE, e.g. filler=40")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
-
-
-RESUME_KEYS = ("model", "adapter", "benchmark", "data_dir", "limit", "prompt_field", "answer_field", "answer_format",
-               "task_option", "cache_window", "cache_budget", "question_tokens", "evict_fraction", "policy", "n", "k",
-               "max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "batch_size", "chat", "dtype",
-               "device", "attn")
-
-
-def _settings(args) -> dict:
-    """The flags a resumed run must share with the run it continues."""
-    return {key: getattr(args, key, None) for key in RESUME_KEYS}
-
-
-def _check_resume(out: Path, settings: dict) -> None:
-    state = out / STATE_FILE
-    if not state.is_file():
-        raise ValueError(f"--resume: {out} holds no evaluation to continue (no {STATE_FILE}); run without --resume")
-    try:
-        before = json.loads(state.read_text(encoding="utf-8"))["settings"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise ValueError(f"--resume: {state} is damaged; run without --resume to start over") from None
-    changed = [f"--{k.replace('_', '-')} was {before.get(k)!r}, now {v!r}" for k, v in settings.items()
-               if before.get(k) != v]
-    if changed:
-        raise ValueError(f"--resume: the flags differ from the run in {out}: {'; '.join(changed[:4])}; resume with the "
-                         "same flags, or run without --resume to start over")
-
-
-def size_label(window: int | None, budget: int | None) -> str:
-    return "full" if window is None else f"b{budget}" if budget is not None else f"w{window}"
-
-
-def run_command(args) -> str:
-    """``pte eval`` without ``--compare``: checks the cheap things first (flags, ``--out``, a resume's settings), then
-    loads, sweeps and writes as it goes."""
-    from pte.data import check_limit
-    from pte.models import check_device, check_positions, load
-
-    if not args.model or not args.benchmark:
-        raise ValueError("pte eval needs --model and --benchmark (or --compare DIR ... to merge earlier runs)")
-    if args.max_new_tokens is None:
-        raise ValueError("pass --max-new-tokens T (the paper evaluates with 3072; AIME with 6144)")
-    if args.cache_window and args.cache_budget:
-        raise ValueError("pass either --cache-window (thought tokens) or --cache-budget (question + window), not both")
-    if args.question_tokens is not None and not args.cache_budget:
-        raise ValueError("--question-tokens splits a --cache-budget; with --cache-window the whole prompt is kept")
-    check_limit(args.limit, "--limit")
-    try:
-        ks = tuple(int(k) for k in args.k.split(","))
-    except ValueError:
-        raise ValueError(f"--k {args.k}: expected comma-separated integers, e.g. 1,4,16") from None
-    check_ks(ks, args.n)
-    CacheSpec(None, args.evict_fraction, args.policy).validate()  # an unknown policy, before the model loads
-    sized_by = "budget" if args.cache_budget else "window"
-    sizes = parse_sizes(args.cache_budget or args.cache_window or "full",
-                        "--cache-budget" if args.cache_budget else "--cache-window")
-    out = Path(args.out)
-    check_out(out)
-    settings = _settings(args)
-    resume = bool(getattr(args, "resume", False))
-    if resume:
-        _check_resume(out, settings)
-    check_device(args.device)
-    examples, score = load_problems(args.benchmark, data_dir=args.data_dir, limit=args.limit, seed=args.seed,
-                                    prompt_field=args.prompt_field, answer_field=args.answer_field,
-                                    answer_format=args.answer_format, task_options=_task_options(args.task_option))
-    results = []
-    try:
-        model, tok = load(args.model, dtype=args.dtype, device=args.device, attn=args.attn)
-        adapter, method = None, "base"
-        if args.adapter:
-            from pte.adapter import load as load_adapter
-            from pte.adapter import read_config
-
-            adapter = load_adapter(model, args.adapter, strict=bool(getattr(args, "strict", False)))
-            method = read_config(args.adapter)["adapter"]["method"]
-        lengths = [len(p) for p in render_prompts(tok, examples, args.chat)]
-        check_positions(model, max(lengths), args.max_new_tokens)
-        runs = []
-        for size in sizes:
-            window = size if size is None or sized_by == "window" else split_budget(size, lengths, args.question_tokens)
-            runs.append((CacheSpec(window, args.evict_fraction, args.policy), size if sized_by == "budget" else None))
-        sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, eos_token_ids=stop_token_ids(model, tok),
-                            stop_strings=tuple(args.stop or ()))
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            gone = clear_previous(out)
-            if gone:
-                print(f"[pte] --out {out}: replaced a previous evaluation ({len(gone)} files); pass --resume to "
-                      "continue an interrupted one instead", file=sys.stderr)
-            write_text_atomic(out / STATE_FILE, json.dumps({"settings": settings}, indent=1))
-        total = len(examples) * args.n
-        with _sigterm_raises():
-            try:
-                for spec, budget in runs:
-                    label = size_label(spec.window, budget)
-                    path = out / f"predictions-{label}.jsonl"
-                    done = read_predictions(path, args.batch_size, total) if resume else []
-                    results.append(evaluate(model, tok, examples, score, spec=spec, sampling=sampling, n_samples=args.n,
-                                            ks=ks, batch_size=args.batch_size, adapter=adapter, chat=args.chat,
-                                            seed=args.seed, budget=budget, label=label, predictions=path, done=done))
-            except KeyboardInterrupt as exc:
-                signum = getattr(exc, "signum", signal.SIGINT)
-                saved = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in out.glob("predictions-*.jsonl"))
-                raise Interrupted(f"interrupted ({signal.Signals(signum).name}); {saved} samples are saved in {out}: "
-                                  "run the same command with --resume to continue", signum) from None
-    finally:
-        if isinstance(score, MathScorer):
-            score.close()
-    from pte.checkpoint import code_version as _code_version
-
-    config = dict(model=args.model, adapter=args.adapter, method=method, benchmark=args.benchmark,
-                  problems=len(examples), n=args.n, ks=list(ks), max_new_tokens=args.max_new_tokens,
-                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=args.chat,
-                  sized_by=sized_by, question_tokens=args.question_tokens, evict_fraction=args.evict_fraction,
-                  policy=args.policy, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                  task_options=_task_options(args.task_option), code_version=_code_version())
-    return write_run(out, results, config, predictions=False)

@@ -49,7 +49,7 @@ class SoftmaxHistory(NamedTuple):
     lse: torch.Tensor  # [batch, n_g]
     mean_k: torch.Tensor  # [batch, n_g, d_kv]: E_w[k]
     mean_v: torch.Tensor  # [batch, n_g, d_kv]: E_w[v]; the read is W^a_V E_w[v]
-    k_u: torch.Tensor  # [batch, n_g, d_kv, r]: E_w[k (W^a_V v)^T]
+    u_k: torch.Tensor  # [batch, n_g, r, d_kv]: E_w[(W^a_V v) k^T] = E_i^T (d_kv last: E_i g_i is one bmm)
 
     @staticmethod
     @torch.no_grad()
@@ -58,15 +58,16 @@ class SoftmaxHistory(NamedTuple):
         u = values @ wa_v.T  # [batch, m, r]
         scores = q @ (keys @ wa_k.T).transpose(1, 2) / math.sqrt(q.shape[-1])  # [batch, n_g, m]
         w = scores.softmax(-1)
-        return SoftmaxHistory(scores.logsumexp(-1), w @ keys, w @ values, torch.einsum("bnm,bmd,bmr->bndr", w, keys, u))
+        b, m, d = keys.shape
+        outer = (u[..., None] * keys[:, :, None]).view(b, m, -1)  # [batch, m, r * d_kv]
+        return SoftmaxHistory(scores.logsumexp(-1), w @ keys, w @ values, (w @ outer).view(b, -1, u.shape[-1], d))
 
     def merge(self, other: "SoftmaxHistory") -> "SoftmaxHistory":
         lse = torch.logaddexp(self.lse, other.lse)
-        a, b = (self.lse - lse).exp(), (other.lse - lse).exp()
+        b = (other.lse - lse).exp()  # the other's share; self's is 1 - b
 
-        def mix(x, y):
-            shape = a.shape + (1,) * (x.dim() - a.dim())
-            return x * a.reshape(shape) + y * b.reshape(shape)
+        def mix(x, y):  # x (1 - b) + y b
+            return torch.lerp(x, y, b.reshape(b.shape + (1,) * (x.dim() - b.dim())))
 
         return SoftmaxHistory(lse, *(mix(x, y) for x, y in zip(self[1:], other[1:])))
 
@@ -80,21 +81,22 @@ class SoftmaxHistory(NamedTuple):
 
 class _SoftmaxRead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, wa_k, wa_v, lse, mean_k, mean_v, k_u):
+    def forward(ctx, q, wa_k, wa_v, lse, mean_k, mean_v, u_k):
         read = mean_v @ wa_v.T  # [batch, n_g, r]
-        ctx.save_for_backward(q, wa_k, read, mean_k, mean_v, k_u)
+        ctx.save_for_backward(q, wa_k, read, mean_k, mean_v, u_k)
         return lse.clone(), read
 
     @staticmethod
     def backward(ctx, d_lse, d_read):
-        q, wa_k, read, mean_k, mean_v, k_u = ctx.saved_tensors
-        r = q.shape[-1]
+        q, wa_k, read, mean_k, mean_v, u_k = ctx.saved_tensors
+        b, n, r, d = u_k.shape
         # c_i = lambda_i mu_i + (E_i - mu_i read_i^T) g_i                                          [batch, n_g, d_kv]
-        c = d_lse[..., None] * mean_k + torch.einsum("bndr,bnr->bnd", k_u, d_read) \
-            - mean_k * (read * d_read).sum(-1, keepdim=True)
-        d_q = (c @ wa_k.T).sum(0) / math.sqrt(r)  # q is shared by the batch
-        d_wa_k = torch.einsum("nr,bnd->rd", q, c) / math.sqrt(r)
-        d_wa_v = torch.einsum("bnr,bnd->rd", d_read, mean_v)
+        e_g = torch.bmm(d_read.reshape(b * n, 1, r), u_k.reshape(b * n, r, d)).view(b, n, d)  # E_i g_i
+        c = d_lse[..., None] * mean_k + e_g - mean_k * (read * d_read).sum(-1, keepdim=True)
+        c_sum = c.sum(0)  # [n_g, d_kv]: q is shared by the batch
+        d_q = c_sum @ wa_k.T / math.sqrt(r)
+        d_wa_k = q.T @ c_sum / math.sqrt(r)
+        d_wa_v = d_read.reshape(-1, r).T @ mean_v.reshape(-1, d)
         return d_q, d_wa_k, d_wa_v, None, None, None, None
 
 

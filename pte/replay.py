@@ -49,6 +49,9 @@ from pte.rollout import CacheSpec, Decoder, RolloutRow, left_pad, right_pad
 LossFn = Callable[[torch.Tensor, slice, slice], torch.Tensor]
 STATE_GRADS = ("segment", "history")
 LOGIT_CHUNK_BYTES = 256 << 20  # fp32 logits built at once by token_logprobs
+# the global tokens' part of the state once per replay, not per segment (pte.thought.SharedGlobals); False: the
+# reference computation, a fresh graph per segment (tests)
+SHARE_GLOBALS = True
 
 
 @dataclass
@@ -190,7 +193,7 @@ def _replay_rows(model, head, rows, offset, logprobs, cache_spec, *, adapter, te
     starts = segment_bounds(rows)
     bounds = [0] + starts + [T - 1]  # the last completion token is never fed
     input_ids, pmask = left_pad([r.prompt_ids for r in rows], pad_token_id, device)
-    state = adapter.new_state(batch, exact_history=exact) if adapter is not None else None
+    state = adapter.new_state(batch, exact_history=exact, share_globals=SHARE_GLOBALS) if adapter is not None else None
     policy = Recorded.from_rows(rows, len(starts), cache_spec.policy) if any(r.evicted_indices for r in rows) else None
     cache = cache_spec.build(model, (state,) if state is not None else (), policy=policy)
     dec = Decoder(model, cache)
@@ -225,6 +228,8 @@ def _replay_rows(model, head, rows, offset, logprobs, cache_spec, *, adapter, te
                 pending.append(loss)
     if pending:
         torch.stack(pending).sum().backward()
+    if state is not None and loss_fn is not None:
+        state.backward_globals()
     if adapter is not None:
         adapter.clear_state()
     return total, n_segments

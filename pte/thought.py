@@ -77,12 +77,85 @@ class Summary(NamedTuple):
 
 
 class StateSlot:
-    """The state one layer's adapted linears read: ``None`` is the identity (plain LoRA), else ``[batch, n_g, r]``."""
+    """The state one layer's adapted linears read: ``None`` is the identity (plain LoRA), else ``[batch, n_g, r]``.
 
-    __slots__ = ("state",)
+    A :class:`ThoughtState` sets it lazily (:meth:`defer`): it is computed at the first read, so a state replaced
+    before any forward reads it (the replay's refresh after a segment, then the next segment's eviction) is built
+    once, not twice."""
+
+    __slots__ = ("_state", "_pending")
 
     def __init__(self):
-        self.state: torch.Tensor | None = None
+        self._state, self._pending = None, None
+
+    @property
+    def state(self) -> torch.Tensor | None:
+        if self._pending is not None:
+            self._state, self._pending = self._pending(), None
+        return self._state
+
+    @state.setter
+    def state(self, value: torch.Tensor | None) -> None:
+        self._state, self._pending = value, None
+
+    def defer(self, compute) -> None:
+        self._state, self._pending = None, compute
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+
+class Globals(NamedTuple):
+    """What a layer's state takes from its parameters alone: the global queries and the global tokens' own read
+    (softmax: its online summary; linear: ``S_g``). Unused fields are ``None``."""
+
+    q: torch.Tensor  # [n_g, r]: W^a_Q q_g
+    top: torch.Tensor | None = None  # [n_g]
+    denom: torch.Tensor | None = None  # [n_g]
+    numer: torch.Tensor | None = None  # [n_g, r]
+    initial: torch.Tensor | None = None  # [n_g, r]: S_g
+
+    @property
+    def summary(self) -> Summary:
+        return Summary(self.top, self.denom, self.numer)
+
+
+class SharedGlobals:
+    """Every layer's :class:`Globals`, computed once and read by many graphs: under no grad (the rollout) as
+    constants; with grad (the replay) as detached leaves, so each segment's graph starts there and their gradients
+    accumulate in ``.grad``. :meth:`backward` then sends the sum through the parameters in one backward: exact,
+    because the parameters do not change within a replay, and it spares every segment the global tokens' pass
+    through the frozen projections, forward and backward."""
+
+    def __init__(self, encoders: nn.ModuleList, attention: str):
+        self.encoders, self.attention = encoders, attention
+        self.roots: list[Globals | None] = [None] * len(encoders)
+        self.leaves: list[Globals | None] = [None] * len(encoders)
+
+    def __getitem__(self, i: int) -> Globals:
+        if self.leaves[i] is None:
+            root = self.encoders[i].globals(self.attention)
+            if torch.is_grad_enabled():
+                self.roots[i] = root
+                root = Globals(*(None if t is None else t.detach().requires_grad_() for t in root))
+            self.leaves[i] = root
+        return self.leaves[i]
+
+    def backward(self) -> None:
+        """Add the leaves' accumulated gradients to the parameters (call once, after the last backward)."""
+        roots, grads = [], []
+        for root, leaf in zip(self.roots, self.leaves):
+            if root is None:
+                continue
+            for r, l in zip(root, leaf):
+                if r is not None and l.grad is not None:
+                    roots.append(r)
+                    grads.append(l.grad)
+        if roots:
+            torch.autograd.backward(roots, grads)
+        self.roots = [None] * len(self.encoders)
+        self.leaves = [None] * len(self.encoders)
 
 
 class ThoughtEncoder(nn.Module):
@@ -141,10 +214,11 @@ class ThoughtEncoder(nn.Module):
         k, v = self.raw(keys, values, positions)
         return k @ self.wa_k.T, v @ self.wa_v.T
 
-    def summary(self, ka: torch.Tensor, va: torch.Tensor) -> Summary:
-        """Softmax read of projected keys/values [..., m, r] by the global queries, kept as an online-softmax
-        summary (max, denominator, numerator) so reads of successive chunks merge exactly."""
-        q = self.queries()
+    def summary(self, ka: torch.Tensor, va: torch.Tensor, q: torch.Tensor | None = None) -> Summary:
+        """Softmax read of projected keys/values [..., m, r] by the global queries ``q`` [n_g, r] (default
+        :meth:`queries`), kept as an online-softmax summary (max, denominator, numerator) so reads of successive
+        chunks merge exactly."""
+        q = self.queries() if q is None else q
         scores = q @ ka.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [..., n_g, m]
         top = scores.amax(-1)  # [..., n_g]
         w = (scores - top[..., None]).exp()
@@ -164,10 +238,19 @@ class ThoughtEncoder(nn.Module):
         q, k, v = self.global_qkv()
         return (q @ self.wa_q.T) @ (k @ self.wa_k.T).T @ (v @ self.wa_v.T)
 
-    def evicted_state(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    def evicted_state(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None,
+                      q: torch.Tensor | None = None) -> torch.Tensor:
         """Eq. 4's S' (linear) from evicted keys/values [batch, kv_heads, m, head_dim] -> [batch, n_g, r]."""
         ka, va = self.project(keys, values, positions)  # [batch, m, r]
-        return self.queries() @ (ka.transpose(1, 2) @ va)  # [n_g, r] @ [batch, r, r]
+        return (self.queries() if q is None else q) @ (ka.transpose(1, 2) @ va)  # [n_g, r] @ [batch, r, r]
+
+    def globals(self, attention: str) -> Globals:
+        """:class:`Globals` from one pass of the global tokens through the frozen projections."""
+        q, k, v = self.global_qkv()
+        q, ka, va = q @ self.wa_q.T, k @ self.wa_k.T, v @ self.wa_v.T  # [n_g, r] each
+        if attention == "softmax":
+            return Globals(q, *self.summary(ka, va, q))
+        return Globals(q, initial=q @ ka.T @ va)
 
     def normalize(self, r: torch.Tensor) -> torch.Tensor:
         """[batch, n_g, r] -> Frobenius norm sqrt(min(n_g, r)) (or the learnt scale) per sample."""
@@ -186,15 +269,16 @@ class ThoughtState(CacheListener):
 
     ``history[i]`` is what layer i carries between evictions: the evicted tokens' :class:`Summary` (softmax),
     ``sum_k S'_k`` (linear, accumulate) or the latest state (linear, recursive); ``None`` before the first
-    eviction. The global tokens' part is recomputed from the parameters whenever the state is (see
-    :meth:`refresh`), so it always carries a graph. With ``exact_history`` (replay, ``state_grad="history"``) the
+    eviction. The global tokens' part (:class:`Globals`) comes from the parameters: read from one
+    :class:`SharedGlobals` (``share_globals``; by default when built under no grad), or recomputed whenever the
+    state is (see :meth:`refresh`), so it always carries a graph. With ``exact_history`` (replay, ``state_grad="history"``) the
     history is kept as :mod:`pte.history`'s fixed-size statistics instead, whose read carries the exact gradient
     through every past eviction. States and histories are in the encoders' dtype (fp32) for any base dtype.
     """
 
     def __init__(self, encoders: nn.ModuleList, slots: list[StateSlot], batch: int, *, attention: str = "softmax",
                  update: str = "accumulate", ablation: str = "none", key_rope: str = "unrotate",
-                 exact_history: bool = False):
+                 exact_history: bool = False, share_globals: bool | None = None):
         if exact_history and attention == "linear" and update == "recursive":
             raise ValueError("state_grad='history' needs state_update='accumulate' (a recursive renormalisation has no "
                              "fixed-size gradient statistics); use state_grad='segment'")
@@ -203,46 +287,57 @@ class ThoughtState(CacheListener):
         self.exact = exact_history
         self.batch = batch
         self.history: list = [None] * len(encoders)
+        # None: share when built under no grad (constants); True with grad: the caller calls backward_globals()
+        share = not torch.is_grad_enabled() if share_globals is None else share_globals
+        self.shared = SharedGlobals(encoders, attention) if share else None
         self.refresh()
 
-    def _initial(self, i: int) -> torch.Tensor:
-        s_g = self.encoders[i].initial_state()
-        s_g = torch.zeros_like(s_g) if self.ablation == "global0" else s_g
+    def _globals(self, i: int) -> Globals:
+        """Layer i's :class:`Globals`: shared (:class:`SharedGlobals`), or a fresh graph per state."""
+        return self.shared[i] if self.shared is not None else self.encoders[i].globals(self.attention)
+
+    def backward_globals(self) -> None:
+        """With shared globals under grad: send their accumulated gradients into the parameters (after the last
+        backward of the graphs that read them)."""
+        if self.shared is not None:
+            self.shared.backward()
+
+    def _initial(self, g: Globals) -> torch.Tensor:
+        s_g = torch.zeros_like(g.initial) if self.ablation == "global0" else g.initial
         return s_g.expand(self.batch, -1, -1)
 
     def _state(self, i: int) -> torch.Tensor:
-        enc, hist = self.encoders[i], self.history[i]
+        enc, hist, g = self.encoders[i], self.history[i], self._globals(i)
         if self.exact and hist is not None:
-            return self._exact_state(i)
+            return self._exact_state(i, g)
         if self.attention == "softmax":
             if self.ablation == "global0":
                 if hist is None:
-                    return torch.zeros(self.batch, *enc.queries().shape, dtype=enc.dtype, device=enc.h_g.device)
+                    return torch.zeros(self.batch, *g.q.shape, dtype=enc.dtype, device=enc.h_g.device)
                 return enc.normalize(hist.read())
-            glob = enc.global_summary().apply(lambda t: t.expand(self.batch, *t.shape))
+            glob = g.summary.apply(lambda t: t.expand(self.batch, *t.shape))
             return enc.normalize((glob if hist is None else glob.merge(hist)).read())
         if self.update == "recursive" and hist is not None:
             return hist
-        return enc.normalize(self._initial(i) if hist is None else self._initial(i) + hist)
+        return enc.normalize(self._initial(g) if hist is None else self._initial(g) + hist)
 
-    def _exact_state(self, i: int) -> torch.Tensor:
+    def _exact_state(self, i: int, g: Globals) -> torch.Tensor:
         """:meth:`_state` with the history attached to the parameters through :mod:`pte.history`."""
         enc = self.encoders[i]
-        q = enc.queries()
         if self.attention == "linear":
-            return enc.normalize(self._initial(i) + self.history[i].attach(q, enc.wa_k, enc.wa_v))
-        lse_h, read_h = self.history[i].attach(q, enc.wa_k, enc.wa_v)
+            return enc.normalize(self._initial(g) + self.history[i].attach(g.q, enc.wa_k, enc.wa_v))
+        lse_h, read_h = self.history[i].attach(g.q, enc.wa_k, enc.wa_v)
         if self.ablation == "global0":
             return enc.normalize(read_h)
-        g = enc.global_summary()
-        lse_g, read_g = g.top + g.denom.log(), g.read()  # [n_g], [n_g, r]
+        lse_g, read_g = g.top + g.denom.log(), g.summary.read()  # [n_g], [n_g, r]
         share = torch.sigmoid(lse_g - lse_h)[..., None]  # the global tokens' share of the softmax mass
         return enc.normalize(share * read_g + (1 - share) * read_h)
 
     def refresh(self) -> None:
-        """Recompute every layer's state from the parameters (a fresh graph) and the carried history."""
+        """Every layer's state is recomputed from the parameters (a fresh graph) and the carried history, at its
+        first read (:meth:`StateSlot.defer`)."""
         for i, slot in enumerate(self.slots):
-            slot.state = self._state(i)
+            slot.defer(lambda i=i: self._state(i))
 
     def on_evict(self, event: EvictionEvent) -> None:
         if self.ablation == "global_only":
@@ -255,17 +350,18 @@ class ThoughtState(CacheListener):
             if self.exact:
                 kind = SoftmaxHistory if self.attention == "softmax" else LinearHistory
                 k, v = enc.raw(event.keys[i], event.values[i], pos)
-                new = kind.of(enc.queries().detach(), enc.wa_k.detach(), enc.wa_v.detach(), k, v)
+                new = kind.of(self._globals(i).q.detach(), enc.wa_k.detach(), enc.wa_v.detach(), k, v)
                 self.history[i] = new if hist is None else hist.merge(new)
             elif self.attention == "softmax":
-                new = enc.summary(*enc.project(event.keys[i], event.values[i], pos))
+                new = enc.summary(*enc.project(event.keys[i], event.values[i], pos), self._globals(i).q)
                 self.history[i] = new if hist is None else hist.merge(new)
             elif self.update == "recursive":
-                self.history[i] = enc.normalize(slot.state + enc.evicted_state(event.keys[i], event.values[i], pos))
+                s_new = enc.evicted_state(event.keys[i], event.values[i], pos, self._globals(i).q)
+                self.history[i] = enc.normalize(slot.state + s_new)
             else:
-                s_new = enc.evicted_state(event.keys[i], event.values[i], pos)
+                s_new = enc.evicted_state(event.keys[i], event.values[i], pos, self._globals(i).q)
                 self.history[i] = s_new if hist is None else hist + s_new
-            slot.state = self._state(i)
+            slot.defer(lambda i=i: self._state(i))
 
     def _map_history(self, fn) -> None:
         for i, hist in enumerate(self.history):
@@ -275,13 +371,15 @@ class ThoughtState(CacheListener):
     def on_select_rows(self, index: torch.Tensor) -> None:
         self.batch = int(index.numel())
         for slot in self.slots:
-            slot.state = slot.state[index]
+            if not slot.pending:  # a pending state is built from the history, selected below, and the new batch
+                slot.state = slot.state[index]
         self._map_history(lambda t: t[index])
 
     def detach_(self) -> None:
         """Truncate the graph between replay segments: the carried history becomes a constant."""
         for slot in self.slots:
-            slot.state = slot.state.detach()
+            if not slot.pending:
+                slot.state = slot.state.detach()
         self._map_history(lambda t: t.detach())
 
     def close(self) -> None:
