@@ -1,5 +1,6 @@
-"""Training configuration: dataclasses loaded from YAML, overridden by ``--set key=value``, validated before any
-model is loaded. An unknown key or an impossible value is an error naming the key."""
+"""Configuration: dataclasses loaded from YAML, overridden by ``--set key=value``, validated before any model is
+loaded (:func:`load_dataclass`, for every command's config); :class:`TrainConfig` is ``pte train``'s. An unknown key
+or an impossible value is an error naming the key."""
 
 from __future__ import annotations
 
@@ -336,28 +337,57 @@ def _build(cls, data, prefix: str):
     return cls(**kwargs)
 
 
-def _parse_value(text: str, item: str):
-    return parse_yaml(text, f"--set {item}")
+def _read_yaml(path: str, top_level: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config {path}: no such file")
+    if p.is_dir():
+        raise ValueError(f"config {path} is a directory; pass a YAML file (see configs/)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    raw = parse_yaml(text, str(path)) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path}: the top level must be a mapping of {top_level}")
+    return raw
 
 
-def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
-    raw: dict = {}
-    if path:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"config {path}: no such file")
-        if p.is_dir():
-            raise ValueError(f"config {path} is a directory; pass a YAML file (see configs/)")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"config {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-        raw = parse_yaml(text, str(path)) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"config {path}: the top level must be a mapping of sections (model:, data:, ...)")
+def _merge(raw: dict, values: dict) -> None:
+    """``values`` into ``raw``, section by section."""
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            _merge(raw[key], value)
+        else:
+            raw[key] = value
+
+
+def _example(cls, prefix: str = "") -> str | None:
+    """A ``--set`` example for ``cls``: its learning rate, wherever it lives."""
+    for f in dataclasses.fields(cls):
+        if f.name == "lr":
+            return f"{prefix}lr=0.01"
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub) and (found := _example(type(sub), f"{prefix}{f.name}.")):
+            return found
+    return None
+
+
+def load_dataclass(cls, path: str | None = None, overrides: list[str] = (), values: dict | None = None):
+    """A config dataclass ``cls`` from, in rising precedence: its defaults, the YAML file ``path``, ``values``
+    (already-typed keys: a command's own flags, a preset) and ``--set key=value`` items (dotted keys for
+    sections, values read as YAML). Every key is checked against the declared types, naming the key, and
+    ``cls.validate()`` runs when the class has one. The one loader of every command's config."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    nested = any(f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())
+                 for f in dataclasses.fields(cls))
+    top_level = f"{'sections' if nested else 'keys'} ({''.join(n + ':, ' for n in names[:2])}...)"
+    raw = _read_yaml(path, top_level) if path else {}
+    _merge(raw, dict(values or {}))
+    example = _example(cls) or f"{names[0]}=..."
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=0.01")
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set {example}")
         key, value = item.split("=", 1)
         node = raw
         parts = key.strip().split(".")
@@ -365,13 +395,19 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--set {key}: {part} is not a section")
-        node[parts[-1]] = _parse_value(value, item)
+        node[parts[-1]] = parse_yaml(value, f"--set {item}")
     try:
-        cfg = _build(TrainConfig, raw, "")
+        cfg = _build(cls, raw, "")
     except TypeError as exc:
         raise ValueError(f"config: {exc}") from None
-    cfg.validate()
+    if hasattr(cfg, "validate"):
+        cfg.validate()
     return cfg
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """``pte train``'s config: :func:`load_dataclass` of :class:`TrainConfig`."""
+    return load_dataclass(TrainConfig, path, overrides)
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -55,7 +55,7 @@ def _exactness(model, window: int, T: int) -> tuple[float, int]:
 @dataclass
 class DemoConfig:
     window: int = 8  # the default window: filler 40 > 4 layers x 8
-    eval_windows: tuple = (None, 16, 8, 4)
+    eval_windows: tuple[int | None, ...] = (None, 16, 8, 4)  # None: full cache
     evict_fraction: float = 0.25
     steps: int = 100
     prompts_per_step: int = 16
@@ -191,7 +191,9 @@ class _Progress:
                 bar.close()
 
 
-def demo(quick: bool = False, out: str | None = None) -> int:
+def demo(quick: bool = False, out: str | None = None, cfg: DemoConfig | None = None) -> int:
+    """``cfg`` (default: :meth:`DemoConfig.quick` with ``quick``, else :class:`DemoConfig`); ``quick`` also shortens
+    the exactness check."""
     from pte.adapter import load as load_adapter
     from pte.evaluate import EvalResult, compare, evaluate, write_run
     from pte.models import load
@@ -201,7 +203,7 @@ def demo(quick: bool = False, out: str | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    cfg = DemoConfig.quick() if quick else DemoConfig()
+    cfg = cfg or (DemoConfig.quick() if quick else DemoConfig())
     out_dir = Path(out or "outputs/demo")
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -60,6 +60,13 @@ class MechanismConfig:
     seed: int = 0
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
 
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}: choose one of {list(LOSSES)}")
+        for v in self.variants:
+            if v not in VARIANTS:
+                raise ValueError(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
+
 
 def worked_rows(tok, task: LongRange, examples, spec: CacheSpec) -> list[RolloutRow]:
     """The worked solutions as rollout rows: the evictions a sliding window makes while feeding them."""
@@ -114,11 +121,7 @@ def train_variant(model, tok, task: LongRange, cfg: MechanismConfig, variant: st
 
 
 def check_mechanism(cfg: MechanismConfig, log=print) -> dict:
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"loss={cfg.loss!r}: choose one of {list(LOSSES)}")
-    for v in cfg.variants:
-        if v not in VARIANTS:
-            raise ValueError(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
+    cfg.validate()
     model, tok = load(cfg.base, dtype="float32")
     task = recipe_task(cfg.base)
     task.check_difficulty(model.config.num_hidden_layers, cfg.window)

@@ -52,6 +52,10 @@ class PretrainConfig:
     evict_fraction: float = 0.25
     init: str | None = None  # continue from this base model directory instead of a random init
 
+    def validate(self) -> None:
+        if not 0 <= self.window_fraction <= 1:
+            raise ValueError(f"window_fraction={self.window_fraction}: must lie in [0, 1]")
+
 
 def encode(tok, task: LongRange, examples) -> tuple[torch.Tensor, int]:
     """-> ids [n, L] (question + worked thought + EOS; every row has the same length) and the question length."""
@@ -76,8 +80,7 @@ def window_visibility(prompt_len: int, n_fed: int, window: int, evict_fraction: 
 
 
 def pretrain(cfg: PretrainConfig, log=print) -> Path:
-    if not 0 <= cfg.window_fraction <= 1:
-        raise ValueError(f"window_fraction={cfg.window_fraction}: must lie in [0, 1]")
+    cfg.validate()
     torch.manual_seed(cfg.seed)
     tok = tokenizer()
     task = LongRange(hops=cfg.hops, filler=cfg.filler)

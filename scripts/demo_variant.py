@@ -13,12 +13,12 @@ with no change repeats the demo's PTE row step for step. Settings are ``DemoConf
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 from pte.adapter import load as load_adapter
+from pte.config import load_dataclass
 from pte.demo import EVAL_SEED, DemoConfig, train_method
 from pte.evaluate import evaluate
 from pte.models import load
@@ -33,14 +33,11 @@ def main() -> None:
     ap.add_argument("--method", default="pte", choices=["lora_c", "pte"])
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a DemoConfig field")
     args = ap.parse_args()
-    fields = {f.name: f for f in dataclasses.fields(DemoConfig)}
-    changes = {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if name not in fields:
-            raise SystemExit(f"--set {item}: no DemoConfig field {name!r}; fields: {sorted(fields)}")
-        changes[name] = type(getattr(DemoConfig(), name))(value)
-    cfg = dataclasses.replace(DemoConfig(), **changes)
+    try:
+        cfg = load_dataclass(DemoConfig, overrides=args.set)  # pte's one config loader, as `pte demo --set`
+    except ValueError as exc:
+        raise SystemExit(f"demo_variant: {exc}") from None
+    changes = {item.split("=", 1)[0].strip(): getattr(cfg, item.split("=", 1)[0].strip()) for item in args.set}
     out = Path(args.out)
     model, tok = load(str(SHIPPED_BASE), dtype="float32")
     task = recipe_task(SHIPPED_BASE)
