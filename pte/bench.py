@@ -20,6 +20,7 @@ import torch
 
 from pte.files import write_text_atomic
 from pte.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from pte.methods import METHODS
 
 # 4 layers, hidden 256, 4 heads (head_dim 64, no GQA), MLP 512, vocab 2048: about 3.7M parameters.
 BENCH_MODEL = dict(arch="llama", vocab_size=2048, hidden=256, layers=4, heads=4, kv_heads=4, intermediate=512,
@@ -40,7 +41,7 @@ def rollout_worker(engine: str, length: int, window: int, batch: int, prompt_len
 
     model = tiny_model(**BENCH_MODEL, seed=0)
     adapter = None
-    if engine in ("lora_c", "pte"):
+    if engine in METHODS:
         from pte.adapter import AdapterConfig, attach
 
         adapter = attach(model, AdapterConfig(method=engine, rank=32, n_global=32))
@@ -94,7 +95,7 @@ def train_memory_worker(method: str, length: int, window: int, batch: int, promp
     with torch.no_grad():
         for lin in adapter.linears.values():
             lin.A.normal_(0, 0.01, generator=g)
-    win = None if method == "lora" else window
+    win = window if METHODS[method].bounded_cache else None
     prompts = _prompts(batch, prompt_len)
     comps = torch.randint(3, BENCH_MODEL["vocab_size"], (batch, length), generator=g).tolist()
     rows = [RolloutRow(p, c, [0.0] * length, win, sliding_eviction_steps(length - 1, win), "length")
@@ -122,7 +123,7 @@ def train_memory_worker(method: str, length: int, window: int, batch: int, promp
 
 
 def bench_train_memory(out: str, lengths=(512, 1024, 2048, 4096, 8192), window: int = 128, batch: int = 1,
-                       prompt_len: int = 32, methods=("lora", "lora_c", "pte")) -> list[dict]:
+                       prompt_len: int = 32, methods=tuple(METHODS)) -> list[dict]:
     configs = [dict(method=m, length=n, window=window, batch=batch, prompt_len=prompt_len)
                for n in lengths for m in methods]
     return _run_bench("train-memory-worker", configs, out, plot_train_memory, train_memory_table,
@@ -135,7 +136,7 @@ def train_memory_table(results: list[dict]) -> str:
              "|---:|---:|---:|---:|---:|---:|"]
     mib = lambda x: x / 2**20
     for n in sorted({r["length"] for r in results}):
-        lo, lc, pt = by.get(("lora", n)), by.get(("lora_c", n)), by.get(("pte", n))
+        lo, lc, pt = (by.get((m, n)) for m in METHODS)  # the table's columns: LoRA, LoRA_c, PTE
         if not (lo and lc and pt):
             continue
         lines.append(f"| {n} | {mib(lo['peak_bytes']):.1f} | {mib(lc['peak_bytes']):.1f} | {mib(pt['peak_bytes']):.1f} "
@@ -151,7 +152,7 @@ def plot_train_memory(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in ("lora", "lora_c", "pte"):
+    for method in METHODS:
         rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["length"])
         if rows:
             ax.plot([r["length"] for r in rows], [r["peak_bytes"] / 2**20 for r in rows], marker="o", label=method)

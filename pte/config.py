@@ -16,6 +16,7 @@ import yaml
 
 from pte.adapter import AdapterConfig
 from pte.data import check_limit, check_template
+from pte.methods import METHODS
 from pte.replay import STATE_GRADS
 
 
@@ -210,10 +211,11 @@ class TrainConfig:
         if not (w is None or w == "auto" or (isinstance(w, int) and not isinstance(w, bool) and w >= 1)):
             raise ValueError(f"cache.window={w!r}: an int >= 1, 'auto' (the longest question in the micro-batch) "
                              "or null (full cache)")
-        if self.adapter.method == "lora" and w is not None:
-            raise ValueError(f"adapter.method=lora trains with a full cache: set cache.window=null (got {w!r}), "
-                             "or use lora_c for the sliding window")
-        if self.adapter.method in ("lora_c", "pte") and w is None:
+        method = METHODS.get(self.adapter.method)  # an unknown one: adapter.validate() names it
+        if method and not method.bounded_cache and w is not None:
+            raise ValueError(f"adapter.method={self.adapter.method} trains with a full cache: set cache.window=null "
+                             f"(got {w!r}), or use lora_c for the sliding window")
+        if method and method.bounded_cache and w is None:
             raise ValueError(f"adapter.method={self.adapter.method} needs a bounded cache: set cache.window")
         self.adapter.validate()
 

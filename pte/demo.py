@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from pte.cache import BoundedCache
+from pte.methods import METHODS
 from pte.models import tiny_model
 from pte.rollout import CacheSpec, Decoder, Sampling, left_pad
 
@@ -77,8 +78,6 @@ class DemoConfig:
 
 
 EVAL_SEED = 30_000_001  # held-out: training draws its problems with seed run.seed (0), pre-training 1..steps
-METHODS = (("lora", None), ("lora_c", "window"), ("pte", "window"))  # method, cache during training
-COST = {"lora": 0, "lora_c": 1, "pte": 2}  # relative step time: a full-cache step replays almost nothing
 
 
 def base_model_dir(log) -> Path:
@@ -131,7 +130,7 @@ def train_all(base: Path, cfg: DemoConfig, out: Path, max_new: int, log) -> dict
     one thread each, the costliest first: with 2 workers on 2 cores PTE keeps one core while LoRA_c and then LoRA
     share the other (three at once slowed PTE's step 2-3x). The main process shows their progress from their
     metrics files. Each run is seeded and single-threaded, so its result does not depend on how many run at once."""
-    jobs = [(m, cfg.window if cache == "window" else None) for m, cache in METHODS]
+    jobs = [(m, cfg.window if method.bounded_cache else None) for m, method in METHODS.items()]
     for m, _ in jobs:  # metrics.jsonl appends, and the progress display reads it: a rerun starts clean
         shutil.rmtree(out / f"train-{m}", ignore_errors=True)
     if cfg.workers <= 1:
@@ -140,7 +139,9 @@ def train_all(base: Path, cfg: DemoConfig, out: Path, max_new: int, log) -> dict
     from concurrent.futures import ProcessPoolExecutor
 
     progress = _Progress([m for m, _ in jobs], cfg.steps, out, log)
-    costliest_first = sorted(jobs, key=lambda job: COST[job[0]], reverse=True)
+    # a full-cache step replays almost nothing; the thought state's updates cost more still
+    costliest_first = sorted(jobs, key=lambda job: (METHODS[job[0]].bounded_cache, METHODS[job[0]].stateful),
+                             reverse=True)
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn")) as pool:
         futures = {m: pool.submit(train_method, base, m, w, cfg, out, max_new, 1, False) for m, w in costliest_first}
         while not all(f.done() for f in futures.values()):
@@ -245,7 +246,7 @@ def demo(quick: bool = False, out: str | None = None, cfg: DemoConfig | None = N
     for method, m in trained.items():
         log(f"   {method}: last-step reward {m['reward']:.2f}, {m['train_seconds']:.0f}s")
     log(f"4. evaluation on {cfg.eval_problems} held-out problems (greedy)")
-    for method, _ in METHODS:
+    for method in METHODS:
         adapter = load_adapter(model, latest_checkpoint(out_dir / f"train-{method}"))
         try:
             evals[method] = eval_all(method, adapter)

@@ -22,6 +22,7 @@ import torch
 
 from pte.adapter import AdapterConfig, attach
 from pte.cache import sliding_eviction_steps
+from pte.methods import METHODS
 from pte.models import load
 from pte.pretrain import SHIPPED_BASE, recipe_task, task_accuracy
 from pte.replay import replay
@@ -81,8 +82,9 @@ def worked_rows(tok, task: LongRange, examples, spec: CacheSpec) -> list[Rollout
 def train_variant(model, tok, task: LongRange, cfg: MechanismConfig, variant: str, log=print) -> dict:
     spec = CacheSpec(window=cfg.window, evict_fraction=cfg.evict_fraction)
     rank = cfg.rank
-    pte_only = dict(key_rope=cfg.key_rope) if variant.startswith("pte") else {}
-    adapter = attach(model, AdapterConfig(rank=rank, n_global=cfg.n_global if variant.startswith("pte") else rank,
+    stateful = METHODS[VARIANTS[variant]["method"]].stateful
+    pte_only = dict(key_rope=cfg.key_rope) if stateful else {}
+    adapter = attach(model, AdapterConfig(rank=rank, n_global=cfg.n_global if stateful else rank,
                                           seed=cfg.seed, **VARIANTS[variant], **pte_only))
     try:
         opt = torch.optim.Adam(adapter.parameters(), lr=cfg.lr)

@@ -21,6 +21,7 @@ from pte.adapter import load as load_adapter
 from pte.config import load_dataclass
 from pte.demo import EVAL_SEED, DemoConfig, train_method
 from pte.evaluate import evaluate
+from pte.methods import METHODS
 from pte.models import load
 from pte.pretrain import SHIPPED_BASE, recipe_task
 from pte.rollout import CacheSpec, Sampling
@@ -30,7 +31,7 @@ from pte.checkpoint import latest as latest_checkpoint
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--method", default="pte", choices=["lora_c", "pte"])
+    ap.add_argument("--method", default="pte", choices=[m for m, method in METHODS.items() if method.bounded_cache])
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a DemoConfig field")
     args = ap.parse_args()
     try:
