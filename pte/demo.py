@@ -22,12 +22,14 @@ from pathlib import Path
 
 import torch
 
-from pte.cache import BoundedCache
+from pte.cache import BoundedCache, window_visibility
 from pte.methods import METHODS
 from pte.models import tiny_model
 from pte.rollout import CacheSpec, Decoder, Sampling, left_pad
 
 def _exactness(model, window: int, T: int) -> tuple[float, int]:
+    """Max |logit difference| between decoding through the bounded cache and one forward masked by
+    :func:`pte.cache.window_visibility`, and the evictions made."""
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
     comp = torch.randint(3, model.config.vocab_size, (len(prompts), T), generator=torch.Generator().manual_seed(0))
     ids, pmask = left_pad(prompts, 0)
@@ -37,18 +39,10 @@ def _exactness(model, window: int, T: int) -> tuple[float, int]:
     for t in comp.T:
         got.append(dec.step(t[:, None]))
     got = torch.cat(got, 1)
-    # reference: one forward; thought c sees the prompt and thoughts [start_c, c]
-    P, n_evict = ids.shape[1], cache.n_evict
+    P = ids.shape[1]
     full = torch.cat([ids, comp], 1)
     valid = torch.cat([pmask, torch.ones_like(comp, dtype=torch.bool)], 1)
-    visible = torch.tril(torch.ones(P + T, P + T, dtype=torch.bool))[None] & valid[:, None]
-    visible |= torch.eye(P + T, dtype=torch.bool)[None]
-    held = evicted = 0
-    for c in range(T):
-        if held >= window:
-            held, evicted = held - n_evict, evicted + n_evict
-        held += 1
-        visible[:, P + c, P:P + evicted] = False
+    visible = window_visibility(P, T, window, cache.evict_fraction, valid)
     ref = model(input_ids=full, attention_mask=visible[:, None], position_ids=(valid.cumsum(-1) - 1).clamp(min=0)).logits
     return float((got - ref[:, P - 1:]).abs().max()), cache.evictions
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pte.cache import n_evict_for, sliding_eviction_steps
+from pte.cache import window_visibility
 from pte.models import tiny_model
 from pte.tasks.long_range import LongRange, tokenizer
 
@@ -64,19 +64,6 @@ def encode(tok, task: LongRange, examples) -> tuple[torch.Tensor, int]:
     if len({len(r) for r in rows}) != 1 or len({len(p) for p in prompts}) != 1:
         raise AssertionError("long-range rows are expected to have one length")
     return torch.tensor(rows), len(prompts[0])
-
-
-def window_visibility(prompt_len: int, n_fed: int, window: int, evict_fraction: float) -> torch.Tensor:
-    """[n, n] bool, n = prompt_len + n_fed: what each position of one teacher-forced forward sees under the bounded
-    cache (the whole prompt, and the thought tokens a sliding window of ``window`` still holds), so a parallel
-    forward with this mask equals decoding through :class:`pte.cache.BoundedCache`."""
-    n = prompt_len + n_fed
-    visible = torch.tril(torch.ones(n, n, dtype=torch.bool))
-    steps, m = sliding_eviction_steps(n_fed, window, evict_fraction), n_evict_for(window, evict_fraction)
-    for c in range(n_fed):  # position prompt_len + c feeds completion token c
-        evicted = m * sum(1 for s in steps if s <= c)
-        visible[prompt_len + c, prompt_len:prompt_len + evicted] = False
-    return visible
 
 
 def pretrain(cfg: PretrainConfig, log=print) -> Path:
