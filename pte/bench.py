@@ -146,24 +146,14 @@ def train_memory_table(results: list[dict]) -> str:
 
 
 def plot_train_memory(results: list[dict], path: Path) -> None:
-    import matplotlib
+    from pte.plots import Line, line_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    lines = []
     for method in METHODS:
         rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["length"])
         if rows:
-            ax.plot([r["length"] for r in rows], [r["peak_bytes"] / 2**20 for r in rows], marker="o", label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("generated tokens")
-    ax.set_ylabel("peak live tensor MiB, one training step")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+            lines.append(Line(method, [r["length"] for r in rows], [r["peak_bytes"] / 2**20 for r in rows]))
+    line_plot(path, lines, xlabel="generated tokens", ylabel="peak live tensor MiB, one training step", log2_x=True)
 
 
 def _run_bench(kind: str, configs: list[dict], out: str, plot, table, describe) -> list[dict]:
@@ -224,28 +214,17 @@ def rollout_table(results: list[dict]) -> str:
 
 
 def plot_rollout(results: list[dict], path: Path) -> None:
-    import matplotlib
+    from pte.plots import Line, Panel, figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    speed, cache = [], []
     for engine in ENGINES:
         rows = sorted((r for r in results if r["engine"] == engine), key=lambda r: r["length"])
-        if not rows:
-            continue
-        xs = [r["length"] for r in rows]
-        axes[0].plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=engine)
-        axes[1].plot(xs, [r["cache_bytes"] / 2**20 for r in rows], marker="o", label=engine)
-    for ax, title in zip(axes, ("tokens/s (batch, higher is better)", "KV cache MiB at the peak")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("generated tokens per row")
-        ax.set_title(title)
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        if rows:
+            xs = [r["length"] for r in rows]
+            speed.append(Line(engine, xs, [r["tokens_per_s"] for r in rows]))
+            cache.append(Line(engine, xs, [r["cache_bytes"] / 2**20 for r in rows]))
+    figure(path, [Panel(lines, "generated tokens per row", title=title, log2_x=True) for lines, title in
+                  ((speed, "tokens/s (batch, higher is better)"), (cache, "KV cache MiB at the peak"))], size=(10, 4))
 
 
 WORKERS = {"rollout-worker": rollout_worker, "train-memory-worker": train_memory_worker}
