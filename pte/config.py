@@ -104,8 +104,8 @@ class GRPOConfig:
     micro_batch_rows: int | None = None
     kl_metric_every: int = 10  # log kl_to_base (k3, sampled tokens) every N steps even at beta 0; 0: never
     # PTE's replay: "history" gives the thought encoder the exact gradient through every past eviction from fixed-size
-    # statistics (pte.history; constant memory); "segment" stops it at the segment (the encoder then learns only from
-    # the newest eviction, and on the long-range task PTE does not learn at all)
+    # statistics (pte.history; constant memory); "segment" stops it at the segment, so the encoder learns only from
+    # the newest eviction (why the default: docs/log.md, "The cause: the truncation, not the state")
     state_grad: str = "history"
 
 
@@ -140,8 +140,8 @@ class RunConfig:
     save_every: int = 10
     keep_last: int = 2
     threads: int = 2
-    # live-tensor memory is counted by a dispatch mode that sees every op (it slows a tiny model's step ~2x), so only
-    # on the first step, every memory_every steps and the last step; other steps log null
+    # live-tensor memory is counted by a dispatch mode that sees every op, which slows a step (docs/design.md, "Memory
+    # measurement"), so only on the first step, every memory_every steps and the last step; other steps log null
     memory_every: int = 10
     overwrite: bool = False  # replace a finished or abandoned run in out_dir (otherwise: refuse, or --resume it)
 

@@ -8,7 +8,8 @@
 4. Every model at every window on the same held-out problems (greedy, 95% Wilson intervals), the training and
    rollout memory of the last step, and tokens/s; a table (``demo.md``), ``demo.json`` and ``accuracy.png``.
 
-No download: the base model ships with pte (2.5 MB) and is rebuilt only if missing.
+No download: the base model ships with pte and is rebuilt only if missing. Settings and why: docs/design.md, "The
+demo"; its numbers: docs/results.md, "The demo".
 """
 
 from __future__ import annotations
@@ -49,17 +50,17 @@ def _exactness(model, window: int, T: int) -> tuple[float, int]:
 
 @dataclass
 class DemoConfig:
-    window: int = 8  # the default window: filler 40 > 4 layers x 8
+    window: int = 8  # filler 40 > 4 layers x 8: the window cannot relay the answer (LongRange.check_difficulty)
     eval_windows: tuple[int | None, ...] = (None, 16, 8, 4)  # None: full cache
     evict_fraction: float = 0.25
     steps: int = 100
     prompts_per_step: int = 16
     group_size: int = 8
-    num_iterations: int = 2  # two clipped passes per batch: PTE 84% greedy after 100 steps, vs 59% after 160 with one
+    num_iterations: int = 2  # two clipped passes per batch (the sweep behind it: docs/log.md, "Sweeps")
     rank: int = 8
-    lr: float = 3e-3  # 1e-2 made PTE's reward collapse within 20 steps (a throwaway sweep, README)
+    lr: float = 3e-3  # higher collapsed PTE's reward (docs/log.md, "Sweeps")
     schedule: str = "constant"
-    # the GRPO details the demo's table was measured with (pte's defaults changed since: see TrainConfig.grpo)
+    # the GRPO details docs/results.md's demo table was made with (pte's defaults changed since: TrainConfig.grpo)
     pi_old: str = "rollout"
     skip_empty_steps: bool = False
     workers: int = 2  # training processes at once, one thread each (1: one after the other, in this process)
@@ -119,10 +120,10 @@ def train_method(base: Path, method: str, window: int | None, cfg: DemoConfig, o
 
 
 def train_all(base: Path, cfg: DemoConfig, out: Path, max_new: int, log) -> dict:
-    """GRPO for every method. A 0.7M-parameter model's step is bound by per-op overhead, not arithmetic (one
-    thread steps as fast as two), so with ``cfg.workers > 1`` the methods train in that many processes at once,
-    one thread each, the costliest first: with 2 workers on 2 cores PTE keeps one core while LoRA_c and then LoRA
-    share the other (three at once slowed PTE's step 2-3x). The main process shows their progress from their
+    """GRPO for every method. A tiny model's step is bound by per-op overhead, not arithmetic, so a second thread
+    buys nothing and a second process does: with ``cfg.workers > 1`` the methods train in that many processes at
+    once, one thread each, the costliest first (with 2 workers on 2 cores PTE keeps one core while LoRA_c and then
+    LoRA share the other; the timings: docs/design.md, "The demo"). The main process shows their progress from their
     metrics files. Each run is seeded and single-threaded, so its result does not depend on how many run at once."""
     jobs = [(m, cfg.window if method.bounded_cache else None) for m, method in METHODS.items()]
     for m, _ in jobs:  # metrics.jsonl appends, and the progress display reads it: a rerun starts clean

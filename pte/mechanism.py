@@ -55,7 +55,7 @@ class MechanismConfig:
     # thought: mean NLL over the worked thought (the answer is 1 of ~63 tokens) | answer: the answer digit only
     # (the rest of the thought drifts, so generation breaks) | thought+answer: the sum of the two
     loss: str = "thought+answer"
-    max_grad_norm: float = 1.0  # 0: no clipping (without it PTE's loss spiked mid-run)
+    max_grad_norm: float = 1.0  # 0: no clipping
     key_rope: str = "unrotate"
     eval_problems: int = 200
     seed: int = 0

@@ -6,9 +6,8 @@ The result is a ``save_pretrained`` directory (model + tokenizer) plus ``recipe.
 the wall time and the measured accuracy), so the demo needs no download. pte ships one, built by the default
 command, in ``pte/assets/long_range_base``.
 
-Init std 0.1 rather than transformers' 0.02: at width 128 the smaller init left every attention pattern flat for
-the whole budget (all digits at chance after 200 steps), while 0.1 learns the copy in ~100 steps and the lookups
-after it.
+Init std 0.1 rather than transformers' 0.02: at width 128 the smaller init left every attention pattern flat
+(docs/design.md, "The base model").
 """
 
 from __future__ import annotations

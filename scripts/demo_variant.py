@@ -1,5 +1,5 @@
-"""One demo training run with changed settings, then its greedy accuracy at the demo's window: the sweep behind the
-README's "How we got from 59% to 84%" and "Not robust across seeds".
+"""One demo training run with changed settings, then its greedy accuracy at the demo's window: the sweeps behind
+docs/log.md's "Sweeps" and "Seeds and learning rate".
 
 It calls the demo's own ``train_method`` (one thread) and evaluates on the demo's 200 held-out problems, so a run
 with no change repeats the demo's PTE row step for step. Settings are ``DemoConfig`` fields:
