@@ -46,9 +46,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pte.files import write_atomic
+from pte.methods import METHODS
 from pte.thought import StateSlot, ThoughtEncoder, ThoughtState
 
-METHODS = ("lora", "lora_c", "pte")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FORMAT_VERSION = 1
 
@@ -72,7 +72,7 @@ class AdapterConfig:
         self.validate()
 
     def validate(self) -> None:
-        choices = dict(method=METHODS, state_attention=("softmax", "linear"), state_update=("accumulate", "recursive"), state_scale=("fixed", "learnable"),
+        choices = dict(method=tuple(METHODS), state_attention=("softmax", "linear"), state_update=("accumulate", "recursive"), state_scale=("fixed", "learnable"),
                        key_rope=("unrotate", "rotated"), ablation=("none", "global_only", "global0"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -81,7 +81,7 @@ class AdapterConfig:
             raise ValueError(f"adapter.rank={self.rank}: must be >= 1")
         if self.n_global < 1:
             raise ValueError(f"adapter.n_global={self.n_global}: must be >= 1 (#Global-0 is ablation='global0')")
-        if self.method != "pte" and self.n_global != self.rank:
+        if not self.stateful and self.n_global != self.rank:
             raise ValueError(
                 f"method={self.method} fixes S to the r x r identity, so n_global must equal rank "
                 f"(got n_global={self.n_global}, rank={self.rank}); set n_global={self.rank}"
@@ -89,7 +89,7 @@ class AdapterConfig:
         if self.state_attention == "softmax" and self.state_update == "recursive":
             raise ValueError("state_update='recursive' renormalises a linear sum; it needs state_attention='linear' "
                              "(the softmax state is one read over every evicted token)")
-        if self.method != "pte" and self.ablation != "none":
+        if not self.stateful and self.ablation != "none":
             raise ValueError(f"ablation={self.ablation!r} applies to method=pte only")
         if not self.targets:
             raise ValueError("adapter.targets is empty: name at least one linear (e.g. q_proj)")
@@ -100,7 +100,7 @@ class AdapterConfig:
 
     @property
     def stateful(self) -> bool:
-        return self.method == "pte"
+        return METHODS[self.method].stateful
 
 
 class AdaptedLinear(nn.Module):

@@ -23,6 +23,7 @@ import torch
 
 from pte.files import write_text_atomic
 from pte.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from pte.methods import METHODS
 
 # 4 layers, hidden 256, 4 heads (head_dim 64, no GQA), MLP 512, vocab 2048: about 3.7M parameters.
 BENCH_MODEL = dict(arch="llama", vocab_size=2048, hidden=256, layers=4, heads=4, kv_heads=4, intermediate=512,
@@ -43,7 +44,7 @@ def rollout_worker(engine: str, length: int, window: int, batch: int, prompt_len
 
     model = tiny_model(**BENCH_MODEL, seed=0)
     adapter = None
-    if engine in ("lora_c", "pte"):
+    if engine in METHODS:
         from pte.adapter import AdapterConfig, attach
 
         adapter = attach(model, AdapterConfig(method=engine, rank=32, n_global=32))
@@ -97,7 +98,7 @@ def train_memory_worker(method: str, length: int, window: int, batch: int, promp
     with torch.no_grad():
         for lin in adapter.linears.values():
             lin.A.normal_(0, 0.01, generator=g)
-    win = None if method == "lora" else window
+    win = window if METHODS[method].bounded_cache else None
     prompts = _prompts(batch, prompt_len)
     comps = torch.randint(3, BENCH_MODEL["vocab_size"], (batch, length), generator=g).tolist()
     rows = [RolloutRow(p, c, [0.0] * length, win, sliding_eviction_steps(length - 1, win), "length")
@@ -125,7 +126,7 @@ def train_memory_worker(method: str, length: int, window: int, batch: int, promp
 
 
 def bench_train_memory(out: str, lengths=(512, 1024, 2048, 4096, 8192), window: int = 128, batch: int = 1,
-                       prompt_len: int = 32, methods=("lora", "lora_c", "pte")) -> list[dict]:
+                       prompt_len: int = 32, methods=tuple(METHODS)) -> list[dict]:
     configs = [dict(method=m, length=n, window=window, batch=batch, prompt_len=prompt_len)
                for n in lengths for m in methods]
     return _run_bench("train-memory-worker", configs, out, plot_train_memory, train_memory_table,
@@ -138,7 +139,7 @@ def train_memory_table(results: list[dict]) -> str:
              "|---:|---:|---:|---:|---:|---:|"]
     mib = lambda x: x / 2**20
     for n in sorted({r["length"] for r in results}):
-        lo, lc, pt = by.get(("lora", n)), by.get(("lora_c", n)), by.get(("pte", n))
+        lo, lc, pt = (by.get((m, n)) for m in METHODS)  # the table's columns: LoRA, LoRA_c, PTE
         if not (lo and lc and pt):
             continue
         lines.append(f"| {n} | {mib(lo['peak_bytes']):.1f} | {mib(lc['peak_bytes']):.1f} | {mib(pt['peak_bytes']):.1f} "
@@ -148,24 +149,14 @@ def train_memory_table(results: list[dict]) -> str:
 
 
 def plot_train_memory(results: list[dict], path: Path) -> None:
-    import matplotlib
+    from pte.plots import Line, line_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in ("lora", "lora_c", "pte"):
+    lines = []
+    for method in METHODS:
         rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["length"])
         if rows:
-            ax.plot([r["length"] for r in rows], [r["peak_bytes"] / 2**20 for r in rows], marker="o", label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("generated tokens")
-    ax.set_ylabel("peak live tensor MiB, one training step")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+            lines.append(Line(method, [r["length"] for r in rows], [r["peak_bytes"] / 2**20 for r in rows]))
+    line_plot(path, lines, xlabel="generated tokens", ylabel="peak live tensor MiB, one training step", log2_x=True)
 
 
 def _run_bench(kind: str, configs: list[dict], out: str, plot, table, describe) -> list[dict]:
@@ -226,28 +217,17 @@ def rollout_table(results: list[dict]) -> str:
 
 
 def plot_rollout(results: list[dict], path: Path) -> None:
-    import matplotlib
+    from pte.plots import Line, Panel, figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    speed, cache = [], []
     for engine in ENGINES:
         rows = sorted((r for r in results if r["engine"] == engine), key=lambda r: r["length"])
-        if not rows:
-            continue
-        xs = [r["length"] for r in rows]
-        axes[0].plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=engine)
-        axes[1].plot(xs, [r["cache_bytes"] / 2**20 for r in rows], marker="o", label=engine)
-    for ax, title in zip(axes, ("tokens/s (batch, higher is better)", "KV cache MiB at the peak")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("generated tokens per row")
-        ax.set_title(title)
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        if rows:
+            xs = [r["length"] for r in rows]
+            speed.append(Line(engine, xs, [r["tokens_per_s"] for r in rows]))
+            cache.append(Line(engine, xs, [r["cache_bytes"] / 2**20 for r in rows]))
+    figure(path, [Panel(lines, "generated tokens per row", title=title, log2_x=True) for lines, title in
+                  ((speed, "tokens/s (batch, higher is better)"), (cache, "KV cache MiB at the peak"))], size=(10, 4))
 
 
 def bench_paper_memory(out: str, lengths=(3072, 6144, 16384, 65536), window: int = 1024, **kwargs) -> list[dict]:

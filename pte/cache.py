@@ -50,6 +50,27 @@ def sliding_eviction_steps(n_fed: int, window: int | None, evict_fraction: float
     return list(range(window, n_fed, m))
 
 
+def window_visibility(prompt_len: int, n_fed: int, window: int | None, evict_fraction: float = 0.25,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
+    """What each position of one parallel forward over ``prompt_len + n_fed`` tokens sees under the sliding window:
+    causal, the whole prompt, and the thought tokens the window still holds when that token is fed. A forward with
+    this mask (and the original positions) equals decoding through :class:`BoundedCache`, so it is both the
+    exactness reference and the mask that teacher-forced training under the cache uses.
+
+    -> [n, n] bool. With ``valid`` ([batch, n], False at left pads): [batch, n, n], pad keys hidden and each pad
+    query seeing itself (no row fully masked; pad outputs are never read)."""
+    n = prompt_len + n_fed
+    visible = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    if window is not None:
+        steps, m = sliding_eviction_steps(n_fed, window, evict_fraction), n_evict_for(window, evict_fraction)
+        for c in range(n_fed):  # position prompt_len + c feeds completion token c
+            evicted = m * sum(1 for s in steps if s <= c)
+            visible[prompt_len + c, prompt_len:prompt_len + evicted] = False
+    if valid is None:
+        return visible
+    return visible[None] & valid[:, None, :] | torch.eye(n, dtype=torch.bool, device=valid.device)[None]
+
+
 @dataclass
 class EvictionEvent:
     """What one eviction removed. Lists are per layer; ``n_evict`` may differ by layer (zero included) under

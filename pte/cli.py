@@ -180,26 +180,29 @@ def _train(args) -> int:
     return 0
 
 
+def _command_config(cls, args, preset=None):
+    """A lab command's config dataclass: ``preset`` (a dataclass), then the command's own flags (their ``dest`` is
+    the field they set; given flags only, so the dataclass holds every default), then ``--set`` items."""
+    from dataclasses import asdict, fields
+
+    from pte.config import load_dataclass
+
+    names = {f.name for f in fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    return load_dataclass(cls, None, args.set or [], values=(asdict(preset) if preset else {}) | given)
+
+
 def _pretrain_task(args) -> int:
     from pte.pretrain import PretrainConfig, pretrain
 
-    cfg = PretrainConfig(out=args.out, steps=args.steps, seed=args.seed, batch=args.batch, lr=args.lr,
-                         window_fraction=args.window_fraction, window=args.window, init=args.init)
-    print(pretrain(cfg, log=lambda m: print(f"[pte] {m}", file=sys.stderr)))
+    print(pretrain(_command_config(PretrainConfig, args), log=lambda m: print(f"[pte] {m}", file=sys.stderr)))
     return 0
 
 
 def _check_mechanism(args) -> int:
     from pte.mechanism import MechanismConfig, check_mechanism
 
-    cfg = MechanismConfig(steps=args.steps, window=args.window, lr=args.lr, batch=args.batch, truncate=not args.no_truncate,
-                          state_grad=args.state_grad,
-                          max_grad_norm=args.max_grad_norm,
-                          eval_problems=args.problems, loss=args.loss, rank=args.rank, n_global=args.rank,
-                          key_rope=args.key_rope, **({"base": args.model} if args.model else {}))
-    if args.variants:
-        cfg.variants = args.variants.split(",")
-    result = check_mechanism(cfg, log=lambda m: print(f"[pte] {m}", file=sys.stderr))
+    result = check_mechanism(_command_config(MechanismConfig, args), log=lambda m: print(f"[pte] {m}", file=sys.stderr))
     text = json.dumps(result, indent=1)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -209,9 +212,10 @@ def _check_mechanism(args) -> int:
 
 
 def _demo(args) -> int:
-    from pte.demo import demo
+    from pte.demo import DemoConfig, demo
 
-    return demo(quick=args.quick, out=args.out)
+    cfg = _command_config(DemoConfig, args, preset=DemoConfig.quick() if args.quick else None)
+    return demo(quick=args.quick, out=args.out, cfg=cfg)
 
 
 def _eval(args) -> int:
@@ -408,6 +412,23 @@ class _Parser(argparse.ArgumentParser):
 POLICY_HELP = f"eviction policy, one of {', '.join(POLICIES)} (sliding: the paper's)"
 
 
+class _StoreAlso(argparse.Action):
+    """Stores the value under ``dest`` and under each name in ``also`` (one flag, several config fields)."""
+
+    def __init__(self, *args, also=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.also = also
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        for name in (self.dest, *self.also):
+            setattr(namespace, name, value)
+
+
+def _add_set(p: argparse.ArgumentParser, config: str, example: str, more: str = "") -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a {config} field, e.g. {example} (applied after the flags{more})")
+
+
 def _decoding_flags() -> argparse.ArgumentParser:
     """The flags ``generate`` and ``eval`` share (a parent parser): the cache policy, sampling, and how the model
     and adapter load. Flags whose help or default differs between the two stay with each command."""
@@ -484,49 +505,56 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tie the input embedding to the output matrix (auto: when the file's two are near-copies)")
     c.set_defaults(func=_convert_gguf)
 
-    p = sub.add_parser("pretrain-task", help="train the demo's tiny base model from scratch on the long-range task")
-    p.add_argument("--out", default="outputs/long_range_base")
-    p.add_argument("--steps", type=_positive_int, default=400)
-    p.add_argument("--batch", type=_positive_int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=_float, default=3e-3, help="peak of the one-cycle schedule")
-    p.add_argument("--window-fraction", type=_float, default=0.0, help="share of each batch trained under the sliding "
+    # lab commands: each flag's dest is the field of the command's config it sets; its default is the dataclass's
+    p = sub.add_parser("pretrain-task", help="train the demo's tiny base model from scratch on the long-range task",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("--out")
+    p.add_argument("--steps", type=_positive_int)
+    p.add_argument("--batch", type=_positive_int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--lr", type=_float, help="peak of the one-cycle schedule")
+    p.add_argument("--window-fraction", type=_float, help="share of each batch trained under the sliding "
                    "window (calibrates the model where the answer is out of reach)")
-    p.add_argument("--window", type=_positive_int, default=8, help="the window of those rows (thought tokens)")
+    p.add_argument("--window", type=_positive_int, help="the window of those rows (thought tokens)")
     p.add_argument("--init", help="continue from this base model directory (default: a random init)")
+    _add_set(p, "PretrainConfig", "steps=60")
     p.set_defaults(func=_pretrain_task)
 
     m = sub.add_parser("check-mechanism", help="teacher-forced LoRA_c vs PTE vs PTE without its evicted state, "
-                       "under the same bounded cache (the diagnostic before RL)")
-    m.add_argument("--model", help="base model directory (default: the shipped long-range base)")
-    from pte.mechanism import DEFAULT_VARIANTS, LOSSES, VARIANTS, MechanismConfig
+                       "under the same bounded cache (the diagnostic before RL)", argument_default=argparse.SUPPRESS)
+    m.add_argument("--model", dest="base", metavar="MODEL", help="base model directory (default: the shipped "
+                   "long-range base)")
+    from pte.mechanism import DEFAULT_VARIANTS, LOSSES, VARIANTS
     from pte.replay import STATE_GRADS
 
-    mdef = MechanismConfig()
-    m.add_argument("--window", type=_positive_int, default=mdef.window)
-    m.add_argument("--steps", type=_positive_int, default=mdef.steps)
-    m.add_argument("--batch", type=_positive_int, default=mdef.batch)
-    m.add_argument("--lr", type=_float, default=mdef.lr)
-    m.add_argument("--max-grad-norm", type=_float, default=mdef.max_grad_norm, help="clip the adapter's gradient "
-                   "norm (0: off)")
-    m.add_argument("--problems", type=_positive_int, default=mdef.eval_problems, help="held-out problems for the accuracy")
-    m.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default "
-                   f"{','.join(DEFAULT_VARIANTS)}; pte_linear is eq. 4's linear state)")
-    m.add_argument("--state-grad", default=mdef.state_grad, choices=STATE_GRADS,
+    m.add_argument("--window", type=_positive_int)
+    m.add_argument("--steps", type=_positive_int)
+    m.add_argument("--batch", type=_positive_int)
+    m.add_argument("--lr", type=_float)
+    m.add_argument("--max-grad-norm", type=_float, help="clip the adapter's gradient norm (0: off)")
+    m.add_argument("--problems", dest="eval_problems", metavar="PROBLEMS", type=_positive_int,
+                   help="held-out problems for the accuracy")
+    m.add_argument("--variants", type=lambda text: text.split(","), help=f"comma-separated subset of "
+                   f"{','.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)}; pte_linear is eq. 4's linear state)")
+    m.add_argument("--state-grad", choices=STATE_GRADS,
                    help="PTE, truncated replay: the encoder's gradient reaches every past eviction (history: fixed-size "
                    "statistics, pte/history.py) or stops at the segment")
-    m.add_argument("--no-truncate", action="store_true", help="exact gradient through all segments (memory grows)")
-    m.add_argument("--loss", default=mdef.loss, choices=LOSSES, help="NLL of the worked thought, of the answer digit "
+    m.add_argument("--no-truncate", dest="truncate", action="store_false", help="exact gradient through all segments "
+                   "(memory grows)")
+    m.add_argument("--loss", choices=LOSSES, help="NLL of the worked thought, of the answer digit "
                    "alone, or their sum (default)")
-    m.add_argument("--rank", type=_positive_int, default=mdef.rank, help="adapter rank (PTE: also the number of global tokens)")
-    m.add_argument("--key-rope", default="unrotate", choices=["unrotate", "rotated"], help="PTE: evicted keys un-rotated "
+    m.add_argument("--rank", type=_positive_int, action=_StoreAlso, also=("n_global",),
+                   help="adapter rank (PTE: also the number of global tokens)")
+    m.add_argument("--key-rope", choices=["unrotate", "rotated"], help="PTE: evicted keys un-rotated "
                    "(default) or as cached")
-    m.add_argument("--json", help="also write the result here")
+    m.add_argument("--json", default=None, help="also write the result here")
+    _add_set(m, "MechanismConfig", "n_global=4")
     m.set_defaults(func=_check_mechanism)
 
     d = sub.add_parser("demo", help="the embedded demo")
     d.add_argument("--quick", action="store_true", help="a short version (used by the tests)")
     d.add_argument("--out", default="outputs/demo")
+    _add_set(d, "DemoConfig", "steps=50", "; over --quick's settings with --quick")
     d.set_defaults(func=_demo)
 
     v = sub.add_parser("eval", parents=[decoding], help="accuracy (pass@1 with 95%% CI, pass@k) under a bounded KV cache, swept over sizes",

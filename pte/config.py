@@ -1,5 +1,6 @@
-"""Training configuration: dataclasses loaded from YAML, overridden by ``--set key=value``, validated before any
-model is loaded. An unknown key or an impossible value is an error naming the key."""
+"""Configuration: dataclasses loaded from YAML, overridden by ``--set key=value``, validated before any model is
+loaded (:func:`load_dataclass`, for every command's config); :class:`TrainConfig` is ``pte train``'s. An unknown key
+or an impossible value is an error naming the key."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import yaml
 
 from pte.adapter import AdapterConfig
 from pte.data import check_limit, check_template
+from pte.methods import METHODS
 from pte.replay import STATE_GRADS
 
 
@@ -102,8 +104,8 @@ class GRPOConfig:
     micro_batch_rows: int | None = None
     kl_metric_every: int = 10  # log kl_to_base (k3, sampled tokens) every N steps even at beta 0; 0: never
     # PTE's replay: "history" gives the thought encoder the exact gradient through every past eviction from fixed-size
-    # statistics (pte.history; constant memory); "segment" stops it at the segment (the encoder then learns only from
-    # the newest eviction, and on the long-range task PTE does not learn at all)
+    # statistics (pte.history; constant memory); "segment" stops it at the segment, so the encoder learns only from
+    # the newest eviction (why the default: docs/log.md, "The cause: the truncation, not the state")
     state_grad: str = "history"
 
 
@@ -138,8 +140,8 @@ class RunConfig:
     save_every: int = 10
     keep_last: int = 2
     threads: int = 2
-    # live-tensor memory is counted by a dispatch mode that sees every op (it slows a tiny model's step ~2x), so only
-    # on the first step, every memory_every steps and the last step; other steps log null
+    # live-tensor memory is counted by a dispatch mode that sees every op, which slows a step (docs/design.md, "Memory
+    # measurement"), so only on the first step, every memory_every steps and the last step; other steps log null
     memory_every: int = 10
     overwrite: bool = False  # replace a finished or abandoned run in out_dir (otherwise: refuse, or --resume it)
 
@@ -209,10 +211,11 @@ class TrainConfig:
         if not (w is None or w == "auto" or (isinstance(w, int) and not isinstance(w, bool) and w >= 1)):
             raise ValueError(f"cache.window={w!r}: an int >= 1, 'auto' (the longest question in the micro-batch) "
                              "or null (full cache)")
-        if self.adapter.method == "lora" and w is not None:
-            raise ValueError(f"adapter.method=lora trains with a full cache: set cache.window=null (got {w!r}), "
-                             "or use lora_c for the sliding window")
-        if self.adapter.method in ("lora_c", "pte") and w is None:
+        method = METHODS.get(self.adapter.method)  # an unknown one: adapter.validate() names it
+        if method and not method.bounded_cache and w is not None:
+            raise ValueError(f"adapter.method={self.adapter.method} trains with a full cache: set cache.window=null "
+                             f"(got {w!r}), or use lora_c for the sliding window")
+        if method and method.bounded_cache and w is None:
             raise ValueError(f"adapter.method={self.adapter.method} needs a bounded cache: set cache.window")
         self.adapter.validate()
 
@@ -336,28 +339,57 @@ def _build(cls, data, prefix: str):
     return cls(**kwargs)
 
 
-def _parse_value(text: str, item: str):
-    return parse_yaml(text, f"--set {item}")
+def _read_yaml(path: str, top_level: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config {path}: no such file")
+    if p.is_dir():
+        raise ValueError(f"config {path} is a directory; pass a YAML file (see configs/)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    raw = parse_yaml(text, str(path)) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path}: the top level must be a mapping of {top_level}")
+    return raw
 
 
-def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
-    raw: dict = {}
-    if path:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"config {path}: no such file")
-        if p.is_dir():
-            raise ValueError(f"config {path} is a directory; pass a YAML file (see configs/)")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"config {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-        raw = parse_yaml(text, str(path)) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"config {path}: the top level must be a mapping of sections (model:, data:, ...)")
+def _merge(raw: dict, values: dict) -> None:
+    """``values`` into ``raw``, section by section."""
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            _merge(raw[key], value)
+        else:
+            raw[key] = value
+
+
+def _example(cls, prefix: str = "") -> str | None:
+    """A ``--set`` example for ``cls``: its learning rate, wherever it lives."""
+    for f in dataclasses.fields(cls):
+        if f.name == "lr":
+            return f"{prefix}lr=0.01"
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub) and (found := _example(type(sub), f"{prefix}{f.name}.")):
+            return found
+    return None
+
+
+def load_dataclass(cls, path: str | None = None, overrides: list[str] = (), values: dict | None = None):
+    """A config dataclass ``cls`` from, in rising precedence: its defaults, the YAML file ``path``, ``values``
+    (already-typed keys: a command's own flags, a preset) and ``--set key=value`` items (dotted keys for
+    sections, values read as YAML). Every key is checked against the declared types, naming the key, and
+    ``cls.validate()`` runs when the class has one. The one loader of every command's config."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    nested = any(f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())
+                 for f in dataclasses.fields(cls))
+    top_level = f"{'sections' if nested else 'keys'} ({''.join(n + ':, ' for n in names[:2])}...)"
+    raw = _read_yaml(path, top_level) if path else {}
+    _merge(raw, dict(values or {}))
+    example = _example(cls) or f"{names[0]}=..."
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=0.01")
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set {example}")
         key, value = item.split("=", 1)
         node = raw
         parts = key.strip().split(".")
@@ -365,13 +397,19 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--set {key}: {part} is not a section")
-        node[parts[-1]] = _parse_value(value, item)
+        node[parts[-1]] = parse_yaml(value, f"--set {item}")
     try:
-        cfg = _build(TrainConfig, raw, "")
+        cfg = _build(cls, raw, "")
     except TypeError as exc:
         raise ValueError(f"config: {exc}") from None
-    cfg.validate()
+    if hasattr(cfg, "validate"):
+        cfg.validate()
     return cfg
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """``pte train``'s config: :func:`load_dataclass` of :class:`TrainConfig`."""
+    return load_dataclass(TrainConfig, path, overrides)
 
 
 def to_dict(cfg: TrainConfig) -> dict:

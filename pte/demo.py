@@ -8,7 +8,8 @@
 4. Every model at every window on the same held-out problems (greedy, 95% Wilson intervals), the training and
    rollout memory of the last step, and tokens/s; a table (``demo.md``), ``demo.json`` and ``accuracy.png``.
 
-No download: the base model ships with pte (2.5 MB) and is rebuilt only if missing.
+No download: the base model ships with pte and is rebuilt only if missing. Settings and why: docs/design.md, "The
+demo"; its numbers: docs/results.md, "The demo".
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from pathlib import Path
 
 import torch
 
-from pte.cache import BoundedCache
+from pte.cache import BoundedCache, window_visibility
+from pte.methods import METHODS
 from pte.models import tiny_model
 from pte.rollout import CacheSpec, Decoder, Sampling, left_pad
 
 def _exactness(model, window: int, T: int) -> tuple[float, int]:
+    """Max |logit difference| between decoding through the bounded cache and one forward masked by
+    :func:`pte.cache.window_visibility`, and the evictions made."""
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
     comp = torch.randint(3, model.config.vocab_size, (len(prompts), T), generator=torch.Generator().manual_seed(0))
     ids, pmask = left_pad(prompts, 0)
@@ -36,35 +40,27 @@ def _exactness(model, window: int, T: int) -> tuple[float, int]:
     for t in comp.T:
         got.append(dec.step(t[:, None]))
     got = torch.cat(got, 1)
-    # reference: one forward; thought c sees the prompt and thoughts [start_c, c]
-    P, n_evict = ids.shape[1], cache.n_evict
+    P = ids.shape[1]
     full = torch.cat([ids, comp], 1)
     valid = torch.cat([pmask, torch.ones_like(comp, dtype=torch.bool)], 1)
-    visible = torch.tril(torch.ones(P + T, P + T, dtype=torch.bool))[None] & valid[:, None]
-    visible |= torch.eye(P + T, dtype=torch.bool)[None]
-    held = evicted = 0
-    for c in range(T):
-        if held >= window:
-            held, evicted = held - n_evict, evicted + n_evict
-        held += 1
-        visible[:, P + c, P:P + evicted] = False
+    visible = window_visibility(P, T, window, cache.evict_fraction, valid)
     ref = model(input_ids=full, attention_mask=visible[:, None], position_ids=(valid.cumsum(-1) - 1).clamp(min=0)).logits
     return float((got - ref[:, P - 1:]).abs().max()), cache.evictions
 
 
 @dataclass
 class DemoConfig:
-    window: int = 8  # the default window: filler 40 > 4 layers x 8
-    eval_windows: tuple = (None, 16, 8, 4)
+    window: int = 8  # filler 40 > 4 layers x 8: the window cannot relay the answer (LongRange.check_difficulty)
+    eval_windows: tuple[int | None, ...] = (None, 16, 8, 4)  # None: full cache
     evict_fraction: float = 0.25
     steps: int = 100
     prompts_per_step: int = 16
     group_size: int = 8
-    num_iterations: int = 2  # two clipped passes per batch: PTE 84% greedy after 100 steps, vs 59% after 160 with one
+    num_iterations: int = 2  # two clipped passes per batch (the sweep behind it: docs/log.md, "Sweeps")
     rank: int = 8
-    lr: float = 3e-3  # 1e-2 made PTE's reward collapse within 20 steps (a throwaway sweep, README)
+    lr: float = 3e-3  # higher collapsed PTE's reward (docs/log.md, "Sweeps")
     schedule: str = "constant"
-    # the GRPO details the demo's table was measured with (pte's defaults changed since: see TrainConfig.grpo)
+    # the GRPO details docs/results.md's demo table was made with (pte's defaults changed since: TrainConfig.grpo)
     pi_old: str = "rollout"
     skip_empty_steps: bool = False
     workers: int = 2  # training processes at once, one thread each (1: one after the other, in this process)
@@ -77,8 +73,6 @@ class DemoConfig:
 
 
 EVAL_SEED = 30_000_001  # held-out: training draws its problems with seed run.seed (0), pre-training 1..steps
-METHODS = (("lora", None), ("lora_c", "window"), ("pte", "window"))  # method, cache during training
-COST = {"lora": 0, "lora_c": 1, "pte": 2}  # relative step time: a full-cache step replays almost nothing
 
 
 def base_model_dir(log) -> Path:
@@ -126,12 +120,12 @@ def train_method(base: Path, method: str, window: int | None, cfg: DemoConfig, o
 
 
 def train_all(base: Path, cfg: DemoConfig, out: Path, max_new: int, log) -> dict:
-    """GRPO for every method. A 0.7M-parameter model's step is bound by per-op overhead, not arithmetic (one
-    thread steps as fast as two), so with ``cfg.workers > 1`` the methods train in that many processes at once,
-    one thread each, the costliest first: with 2 workers on 2 cores PTE keeps one core while LoRA_c and then LoRA
-    share the other (three at once slowed PTE's step 2-3x). The main process shows their progress from their
+    """GRPO for every method. A tiny model's step is bound by per-op overhead, not arithmetic, so a second thread
+    buys nothing and a second process does: with ``cfg.workers > 1`` the methods train in that many processes at
+    once, one thread each, the costliest first (with 2 workers on 2 cores PTE keeps one core while LoRA_c and then
+    LoRA share the other; the timings: docs/design.md, "The demo"). The main process shows their progress from their
     metrics files. Each run is seeded and single-threaded, so its result does not depend on how many run at once."""
-    jobs = [(m, cfg.window if cache == "window" else None) for m, cache in METHODS]
+    jobs = [(m, cfg.window if method.bounded_cache else None) for m, method in METHODS.items()]
     for m, _ in jobs:  # metrics.jsonl appends, and the progress display reads it: a rerun starts clean
         shutil.rmtree(out / f"train-{m}", ignore_errors=True)
     if cfg.workers <= 1:
@@ -140,7 +134,9 @@ def train_all(base: Path, cfg: DemoConfig, out: Path, max_new: int, log) -> dict
     from concurrent.futures import ProcessPoolExecutor
 
     progress = _Progress([m for m, _ in jobs], cfg.steps, out, log)
-    costliest_first = sorted(jobs, key=lambda job: COST[job[0]], reverse=True)
+    # a full-cache step replays almost nothing; the thought state's updates cost more still
+    costliest_first = sorted(jobs, key=lambda job: (METHODS[job[0]].bounded_cache, METHODS[job[0]].stateful),
+                             reverse=True)
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn")) as pool:
         futures = {m: pool.submit(train_method, base, m, w, cfg, out, max_new, 1, False) for m, w in costliest_first}
         while not all(f.done() for f in futures.values()):
@@ -191,7 +187,9 @@ class _Progress:
                 bar.close()
 
 
-def demo(quick: bool = False, out: str | None = None) -> int:
+def demo(quick: bool = False, out: str | None = None, cfg: DemoConfig | None = None) -> int:
+    """``cfg`` (default: :meth:`DemoConfig.quick` with ``quick``, else :class:`DemoConfig`); ``quick`` also shortens
+    the exactness check."""
     from pte.adapter import load as load_adapter
     from pte.evaluate import EvalResult, compare, evaluate, write_run
     from pte.models import load
@@ -201,7 +199,7 @@ def demo(quick: bool = False, out: str | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    cfg = DemoConfig.quick() if quick else DemoConfig()
+    cfg = cfg or (DemoConfig.quick() if quick else DemoConfig())
     out_dir = Path(out or "outputs/demo")
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -243,7 +241,7 @@ def demo(quick: bool = False, out: str | None = None) -> int:
     for method, m in trained.items():
         log(f"   {method}: last-step reward {m['reward']:.2f}, {m['train_seconds']:.0f}s")
     log(f"4. evaluation on {cfg.eval_problems} held-out problems (greedy)")
-    for method, _ in METHODS:
+    for method in METHODS:
         adapter = load_adapter(model, latest_checkpoint(out_dir / f"train-{method}"))
         try:
             evals[method] = eval_all(method, adapter)

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from pte.data import Example, render_prompt
-from pte.files import write_atomic, write_text_atomic
+from pte.files import write_text_atomic
 from pte.memory import peak_rss_bytes, reset_peak_rss
 from pte.passk import pass_at_k
 from pte.rewards import extract_answer
@@ -441,32 +441,22 @@ def write_tables(out: Path, entries: list[tuple[str | None, str | None, dict]], 
 
 def plot_accuracy(path: Path, lines: dict[str, list[dict]], title: str) -> None:
     """pass@1 (with its 95% interval) per cache size, one line per run; sizes on a shared categorical axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pte.plots import Line, line_plot
 
     keys = sorted({_size_key(s) for runs in lines.values() for s in runs})
     labels = list(dict.fromkeys(label for _, label in keys))
     x = {label: i for i, label in enumerate(labels)}
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    drawn = []
     for n, (name, runs) in enumerate(lines.items()):
         runs = sorted(runs, key=_size_key)
         ys = [100 * s["pass1"] for s in runs]
-        err = [[max(0.0, y - 100 * s["ci_low"]) for y, s in zip(ys, runs)],  # max: float rounding at 0% / 100%
-               [max(0.0, 100 * s["ci_high"] - y) for y, s in zip(ys, runs)]]
+        err = ([max(0.0, y - 100 * s["ci_low"]) for y, s in zip(ys, runs)],  # max: float rounding at 0% / 100%
+               [max(0.0, 100 * s["ci_high"] - y) for y, s in zip(ys, runs)])
         dodge = 0.06 * (n - (len(lines) - 1) / 2)  # so equal points and their intervals stay visible
-        ax.errorbar([x[s["label"]] + dodge for s in runs], ys, yerr=err, marker="o", capsize=4, label=name)
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_xlabel("cache size (wN: thought window N, bN: total budget N, full: no eviction)")
-    ax.set_ylabel("pass@1 % (95% Wilson CI)")
-    ax.set_ylim(-3, 103)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+        drawn.append(Line(name, [x[s["label"]] + dodge for s in runs], ys, yerr=err))
+    line_plot(path, drawn, xlabel="cache size (wN: thought window N, bN: total budget N, full: no eviction)",
+              ylabel="pass@1 % (95% Wilson CI)", title=title, title_size=10, ylim=(-3, 103), xticks=labels,
+              size=(6.5, 4), dpi=120)
 
 
 def write_run(out: str | Path, results: list[EvalResult], config: dict, predictions: bool = True) -> str:

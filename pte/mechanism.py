@@ -22,6 +22,7 @@ import torch
 
 from pte.adapter import AdapterConfig, attach
 from pte.cache import sliding_eviction_steps
+from pte.methods import METHODS
 from pte.models import load
 from pte.pretrain import SHIPPED_BASE, recipe_task, task_accuracy
 from pte.replay import replay
@@ -54,11 +55,18 @@ class MechanismConfig:
     # thought: mean NLL over the worked thought (the answer is 1 of ~63 tokens) | answer: the answer digit only
     # (the rest of the thought drifts, so generation breaks) | thought+answer: the sum of the two
     loss: str = "thought+answer"
-    max_grad_norm: float = 1.0  # 0: no clipping (without it PTE's loss spiked mid-run)
+    max_grad_norm: float = 1.0  # 0: no clipping
     key_rope: str = "unrotate"
     eval_problems: int = 200
     seed: int = 0
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}: choose one of {list(LOSSES)}")
+        for v in self.variants:
+            if v not in VARIANTS:
+                raise ValueError(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
 
 
 def worked_rows(tok, task: LongRange, examples, spec: CacheSpec) -> list[RolloutRow]:
@@ -74,8 +82,9 @@ def worked_rows(tok, task: LongRange, examples, spec: CacheSpec) -> list[Rollout
 def train_variant(model, tok, task: LongRange, cfg: MechanismConfig, variant: str, log=print) -> dict:
     spec = CacheSpec(window=cfg.window, evict_fraction=cfg.evict_fraction)
     rank = cfg.rank
-    pte_only = dict(key_rope=cfg.key_rope) if variant.startswith("pte") else {}
-    adapter = attach(model, AdapterConfig(rank=rank, n_global=cfg.n_global if variant.startswith("pte") else rank,
+    stateful = METHODS[VARIANTS[variant]["method"]].stateful
+    pte_only = dict(key_rope=cfg.key_rope) if stateful else {}
+    adapter = attach(model, AdapterConfig(rank=rank, n_global=cfg.n_global if stateful else rank,
                                           seed=cfg.seed, **VARIANTS[variant], **pte_only))
     try:
         opt = torch.optim.Adam(adapter.parameters(), lr=cfg.lr)
@@ -114,11 +123,7 @@ def train_variant(model, tok, task: LongRange, cfg: MechanismConfig, variant: st
 
 
 def check_mechanism(cfg: MechanismConfig, log=print) -> dict:
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"loss={cfg.loss!r}: choose one of {list(LOSSES)}")
-    for v in cfg.variants:
-        if v not in VARIANTS:
-            raise ValueError(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
+    cfg.validate()
     model, tok = load(cfg.base, dtype="float32")
     task = recipe_task(cfg.base)
     task.check_difficulty(model.config.num_hidden_layers, cfg.window)

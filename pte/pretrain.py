@@ -6,9 +6,8 @@ The result is a ``save_pretrained`` directory (model + tokenizer) plus ``recipe.
 the wall time and the measured accuracy), so the demo needs no download. pte ships one, built by the default
 command, in ``pte/assets/long_range_base``.
 
-Init std 0.1 rather than transformers' 0.02: at width 128 the smaller init left every attention pattern flat for
-the whole budget (all digits at chance after 200 steps), while 0.1 learns the copy in ~100 steps and the lookups
-after it.
+Init std 0.1 rather than transformers' 0.02: at width 128 the smaller init left every attention pattern flat
+(docs/design.md, "The base model").
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pte.cache import n_evict_for, sliding_eviction_steps
+from pte.cache import window_visibility
 from pte.models import tiny_model
 from pte.tasks.long_range import LongRange, tokenizer
 
@@ -52,6 +51,10 @@ class PretrainConfig:
     evict_fraction: float = 0.25
     init: str | None = None  # continue from this base model directory instead of a random init
 
+    def validate(self) -> None:
+        if not 0 <= self.window_fraction <= 1:
+            raise ValueError(f"window_fraction={self.window_fraction}: must lie in [0, 1]")
+
 
 def encode(tok, task: LongRange, examples) -> tuple[torch.Tensor, int]:
     """-> ids [n, L] (question + worked thought + EOS; every row has the same length) and the question length."""
@@ -62,22 +65,8 @@ def encode(tok, task: LongRange, examples) -> tuple[torch.Tensor, int]:
     return torch.tensor(rows), len(prompts[0])
 
 
-def window_visibility(prompt_len: int, n_fed: int, window: int, evict_fraction: float) -> torch.Tensor:
-    """[n, n] bool, n = prompt_len + n_fed: what each position of one teacher-forced forward sees under the bounded
-    cache (the whole prompt, and the thought tokens a sliding window of ``window`` still holds), so a parallel
-    forward with this mask equals decoding through :class:`pte.cache.BoundedCache`."""
-    n = prompt_len + n_fed
-    visible = torch.tril(torch.ones(n, n, dtype=torch.bool))
-    steps, m = sliding_eviction_steps(n_fed, window, evict_fraction), n_evict_for(window, evict_fraction)
-    for c in range(n_fed):  # position prompt_len + c feeds completion token c
-        evicted = m * sum(1 for s in steps if s <= c)
-        visible[prompt_len + c, prompt_len:prompt_len + evicted] = False
-    return visible
-
-
 def pretrain(cfg: PretrainConfig, log=print) -> Path:
-    if not 0 <= cfg.window_fraction <= 1:
-        raise ValueError(f"window_fraction={cfg.window_fraction}: must lie in [0, 1]")
+    cfg.validate()
     torch.manual_seed(cfg.seed)
     tok = tokenizer()
     task = LongRange(hops=cfg.hops, filler=cfg.filler)

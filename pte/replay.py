@@ -19,7 +19,7 @@ segments is set by ``state_grad``:
   constant memory. A token evicted long before it is needed can so teach the encoder to keep it.
 - ``"segment"``: the carried history is detached; the next segment's eviction recomputes ``S'_k`` from the
   (detached) evicted keys/values inside its own graph and ``S_g`` is recomputed from ``h_g``, so the encoder learns
-  only from the newest eviction. On the long-range task PTE does not learn this way (README, "The mechanism check").
+  only from the newest eviction; what that does to PTE: docs/log.md, "The cause: the truncation, not the state".
 
 ``truncate=False`` keeps the whole graph and calls backward once (memory grows with length): the exact gradient of
 the bounded-cache policy, the reference for tests. Dropout is off (the model is put in eval mode).

@@ -57,22 +57,12 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Reward (and accuracy) per step from ``metrics.jsonl`` -> a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pte.plots import Line, line_plot
 
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], marker=".", label="mean reward")
-    ax.plot([r["step"] for r in rows], [r["accuracy"] for r in rows], marker=".", label="reward = 1 (fraction)")
-    ax.set_xlabel("GRPO step")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(out) if out else run_dir / "reward.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    steps = [r["step"] for r in rows]
+    lines = [Line("mean reward", steps, [r["reward"] for r in rows]),
+             Line("reward = 1 (fraction)", steps, [r["accuracy"] for r in rows])]
+    return line_plot(Path(out) if out else run_dir / "reward.png", lines, xlabel="GRPO step", ylim=(-0.02, 1.02),
+                     marker=".", size=(6, 3.5))

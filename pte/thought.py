@@ -20,7 +20,7 @@ Defaults (each alternative is a switch in :class:`pte.adapter.AdapterConfig`):
   and equal to one pass over every evicted token). Before any eviction it attends to the global tokens alone, the
   counterpart of ``S_g``. Why not eq. 4's linear form by default: a linear memory is a bag of ``k^T v`` products dominated by
   whatever is evicted most often, while a softmax lets a query pick one token out of many; with the replay's exact
-  history gradient (:mod:`pte.history`) both learn the long-range task, the softmax read ~1.5x faster (README).
+  history gradient (:mod:`pte.history`) both learn the long-range task (docs/results.md, "The mechanism check").
 - ``state_attention="linear"`` is eq. 4 as printed: ``R = S_g + sum_k S'_k`` (``state_update="accumulate"``) with
   ``S = Normalize(R)``, or ``"recursive"``, ``S <- Normalize(S + S')`` as the text writes it, which forgets old
   evictions geometrically.

@@ -1,5 +1,5 @@
-"""One demo training run with changed settings, then its greedy accuracy at the demo's window: the sweep behind the
-README's "How we got from 59% to 84%" and "Not robust across seeds".
+"""One demo training run with changed settings, then its greedy accuracy at the demo's window: the sweeps behind
+docs/log.md's "Sweeps" and "Seeds and learning rate".
 
 It calls the demo's own ``train_method`` (one thread) and evaluates on the demo's 200 held-out problems, so a run
 with no change repeats the demo's PTE row step for step. Settings are ``DemoConfig`` fields:
@@ -13,14 +13,15 @@ with no change repeats the demo's PTE row step for step. Settings are ``DemoConf
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 from pte.adapter import load as load_adapter
+from pte.config import load_dataclass
 from pte.demo import EVAL_SEED, DemoConfig, train_method
 from pte.evaluate import evaluate
+from pte.methods import METHODS
 from pte.models import load
 from pte.pretrain import SHIPPED_BASE, recipe_task
 from pte.rollout import CacheSpec, Sampling
@@ -30,17 +31,14 @@ from pte.checkpoint import latest as latest_checkpoint
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--method", default="pte", choices=["lora_c", "pte"])
+    ap.add_argument("--method", default="pte", choices=[m for m, method in METHODS.items() if method.bounded_cache])
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a DemoConfig field")
     args = ap.parse_args()
-    fields = {f.name: f for f in dataclasses.fields(DemoConfig)}
-    changes = {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if name not in fields:
-            raise SystemExit(f"--set {item}: no DemoConfig field {name!r}; fields: {sorted(fields)}")
-        changes[name] = type(getattr(DemoConfig(), name))(value)
-    cfg = dataclasses.replace(DemoConfig(), **changes)
+    try:
+        cfg = load_dataclass(DemoConfig, overrides=args.set)  # pte's one config loader, as `pte demo --set`
+    except ValueError as exc:
+        raise SystemExit(f"demo_variant: {exc}") from None
+    changes = {item.split("=", 1)[0].strip(): getattr(cfg, item.split("=", 1)[0].strip()) for item in args.set}
     out = Path(args.out)
     model, tok = load(str(SHIPPED_BASE), dtype="float32")
     task = recipe_task(SHIPPED_BASE)

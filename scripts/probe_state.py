@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--attention", default="linear", choices=["linear", "softmax"],
-                    help="the state to probe: eq. 4's linear memory (what the README reports) or the softmax read")
+                    help="the state to probe: eq. 4's linear memory (what docs/log.md reports) or the softmax read")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load(str(SHIPPED_BASE))

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from pte.cache import CacheListener
+from pte.cache import CacheListener, window_visibility
 from pte.rollout import Decoder, left_pad
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]  # left padding, three lengths
@@ -41,7 +41,8 @@ def thought_starts(n_thoughts: int, window: int | None, evict_fraction: float) -
 
 
 def masked_full_forward(model, prompts, completions, window, evict_fraction, attn):
-    """One forward over prompt+completion whose 4D mask hides what each position could not see.
+    """One forward over prompt+completion whose 4D mask (:func:`pte.cache.window_visibility`, itself checked
+    against :func:`thought_starts`' simulation) hides what each position could not see.
 
     -> logits [batch, 1 + T, vocab]: the last prompt position, then every completion position.
     """
@@ -52,10 +53,7 @@ def masked_full_forward(model, prompts, completions, window, evict_fraction, att
     P = ids.shape[1]
     full = torch.cat([ids, torch.tensor(completions)], dim=1)
     valid = torch.cat([pmask, torch.ones(len(prompts), T, dtype=torch.bool)], dim=1)
-    n = P + T
-    visible = torch.tril(torch.ones(n, n, dtype=torch.bool))[None] & valid[:, None, :]
-    for c, start in enumerate(thought_starts(T, window, evict_fraction)):
-        visible[:, P + c, P:P + start] = False
+    visible = window_visibility(P, T, window, evict_fraction, valid)
     position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
     mask = reference_mask(valid, visible, attn)
     logits = model(input_ids=full, attention_mask=mask, position_ids=position_ids).logits

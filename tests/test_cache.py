@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from helpers import PROMPTS, Recorder, cached_teacher_forced, completions, masked_full_forward, thought_starts
-from pte.cache import BoundedCache
+from pte.cache import BoundedCache, window_visibility
 from pte.eviction import KeyNorm, Recorded
 from pte.rollout import CacheSpec, Decoder, Sampling, left_pad, rollout
 
@@ -208,6 +208,21 @@ def test_generate_with_cache_matches_our_loop(model):
 def test_bad_cache_settings_name_the_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BoundedCache(2, **kwargs)
+
+
+@pytest.mark.parametrize("window,fraction", [(8, 0.25), (5, 0.5), (4, 1.0), (1, 1.0), (None, 0.25)])
+def test_window_visibility_hides_exactly_what_the_simulated_window_evicted(window, fraction):
+    """The one mask of the bounded cache (pte.cache.window_visibility) against an independent simulation: thought c
+    sees the prompt and thoughts [start_c, c], nothing else; with left padding, pads are hidden as keys."""
+    P, T = 3, 30
+    got = window_visibility(P, T, window, fraction)
+    want = torch.tril(torch.ones(P + T, P + T, dtype=torch.bool))
+    for c, start in enumerate(thought_starts(T, window, fraction)):
+        want[P + c, P:P + start] = False
+    assert torch.equal(got, want)
+    valid = torch.tensor([[False, True, True] + [True] * T])
+    padded = window_visibility(P, T, window, fraction, valid)[0]
+    assert torch.equal(padded[1:], want[1:] & valid[0]) and torch.equal(padded[0], torch.eye(P + T, dtype=torch.bool)[0])
 
 
 def test_thought_starts_reference_is_sane():

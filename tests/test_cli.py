@@ -174,3 +174,31 @@ def test_training_rollouts_stop_at_the_ids_generate_and_eval_stop_at(tmp_path, m
                                        "cache.window=4", "adapter.rank=4", "adapter.n_global=4",
                                        f"run.out_dir={tmp_path / 'run'}"]), progress=False)
     assert seen["train"] == seen["generate"] == seen["eval"] == (tok.eos_token_id, 7)
+
+
+def test_lab_commands_load_their_config_with_flags_then_set(capsys):
+    """pretrain-task, check-mechanism and demo: defaults are the dataclass's, flags map onto fields, --set wins."""
+    from pte.cli import _command_config, build_parser
+    from pte.demo import DemoConfig
+    from pte.mechanism import MechanismConfig
+    from pte.pretrain import PretrainConfig
+
+    parse = build_parser().parse_args
+    assert _command_config(PretrainConfig, parse(["pretrain-task"])) == PretrainConfig()
+    assert _command_config(MechanismConfig, parse(["check-mechanism"])) == MechanismConfig()
+    cfg = _command_config(PretrainConfig, parse(["pretrain-task", "--steps", "5", "--set", "steps=60",
+                                                 "--set", "window_fraction=0.5"]))
+    assert (cfg.steps, cfg.window_fraction) == (60, 0.5)
+    cfg = _command_config(MechanismConfig, parse(["check-mechanism", "--rank", "4", "--no-truncate", "--model", "m",
+                                                  "--problems", "7", "--variants", "pte,lora_c", "--set", "lr=0.01"]))
+    assert (cfg.rank, cfg.n_global, cfg.truncate, cfg.base, cfg.eval_problems, cfg.variants, cfg.lr) == \
+        (4, 4, False, "m", 7, ["pte", "lora_c"], 0.01)
+    cfg = _command_config(DemoConfig, parse(["demo", "--set", "steps=50"]))
+    assert cfg == DemoConfig(steps=50)
+    cfg = _command_config(DemoConfig, parse(["demo", "--quick", "--set", "eval_windows=[null, 4]"]),
+                          preset=DemoConfig.quick())
+    assert cfg.eval_windows == (None, 4) and cfg.steps == DemoConfig.quick().steps
+    assert main(["check-mechanism", "--set", "stepz=1"]) == 2
+    assert "unknown config key 'stepz'" in capsys.readouterr().err
+    assert main(["demo", "--set", "steps=many"]) == 2
+    assert "steps='many': expected an integer" in capsys.readouterr().err

@@ -15,8 +15,8 @@ what the cache kept. The filler carries no information: with a sliding window sh
 the filler must be longer than ``layers x window`` (:meth:`LongRange.check_difficulty`). A full cache solves it;
 a plain sliding window cannot; PTE's state can, if it keeps what was evicted.
 
-(An earlier design, mod-10 arithmetic on a start digit with character-level operations, was not learnt by a
-0.6M-parameter model within 300 steps here; the pointer version is; see the README.)
+(An earlier design, mod-10 arithmetic on a start digit with character-level operations, was not learnt; the
+pointer version is: docs/log.md, 2026-11-23, "The long-range task".)
 
 Verification is exact: the last ``ans D`` of the completion must be the answer digit, and it must follow a filler
 stretch of at least ``filler`` characters (otherwise RL finds the shortcut of skipping the filler).
