@@ -112,7 +112,7 @@ def _generate(args) -> int:
 
 
 def _bench(args) -> int:
-    from pte.bench import bench_paper_memory, bench_rollout, bench_train_memory, bench_train_step
+    from pte.lab.bench import bench_paper_memory, bench_rollout, bench_train_memory, bench_train_step
 
     if args.what == "paper-memory":
         lengths = tuple(int(x) for x in (args.lengths or "3072,6144,16384,65536").split(","))
@@ -193,14 +193,14 @@ def _command_config(cls, args, preset=None):
 
 
 def _pretrain_task(args) -> int:
-    from pte.pretrain import PretrainConfig, pretrain
+    from pte.lab.pretrain import PretrainConfig, pretrain
 
     print(pretrain(_command_config(PretrainConfig, args), log=lambda m: print(f"[pte] {m}", file=sys.stderr)))
     return 0
 
 
 def _check_mechanism(args) -> int:
-    from pte.mechanism import MechanismConfig, check_mechanism
+    from pte.lab.mechanism import MechanismConfig, check_mechanism
 
     result = check_mechanism(_command_config(MechanismConfig, args), log=lambda m: print(f"[pte] {m}", file=sys.stderr))
     text = json.dumps(result, indent=1)
@@ -212,7 +212,7 @@ def _check_mechanism(args) -> int:
 
 
 def _demo(args) -> int:
-    from pte.demo import DemoConfig, demo
+    from pte.lab.demo import DemoConfig, demo
 
     cfg = _command_config(DemoConfig, args, preset=DemoConfig.quick() if args.quick else None)
     return demo(quick=args.quick, out=args.out, cfg=cfg)
@@ -524,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "under the same bounded cache (the diagnostic before RL)", argument_default=argparse.SUPPRESS)
     m.add_argument("--model", dest="base", metavar="MODEL", help="base model directory (default: the shipped "
                    "long-range base)")
-    from pte.mechanism import DEFAULT_VARIANTS, LOSSES, VARIANTS
+    from pte.lab.mechanism import DEFAULT_VARIANTS, LOSSES, VARIANTS
     from pte.replay import STATE_GRADS
 
     m.add_argument("--window", type=_positive_int)

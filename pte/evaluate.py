@@ -40,6 +40,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,7 +48,7 @@ import torch
 
 from pte.data import Example, render_prompt
 from pte.files import write_text_atomic
-from pte.memory import peak_rss_bytes, reset_peak_rss
+from pte.memory import peak, reset_peak
 from pte.passk import pass_at_k
 from pte.rewards import extract_answer
 from pte.rollout import CacheSpec, Sampling, rollout
@@ -185,6 +186,22 @@ def render_prompts(tokenizer, examples: list[Example], chat: bool) -> list[list[
     return [render_prompt(tokenizer, ex.prompt, "chat" if chat else "{prompt}") for ex in examples]
 
 
+def check_done(records: list[Record], jobs: list[tuple[int, int]], batch_size: int) -> None:
+    """An interrupted run's records must be its first complete batches, in order, to be resumed from."""
+    n = len(records)
+    if n % batch_size and n != len(jobs) or n > len(jobs) or [(r.problem, r.sample) for r in records] != jobs[:n]:
+        raise ValueError(f"{n} earlier records do not match this run's complete batches "
+                         f"({len(jobs)} samples in batches of {batch_size}); start over without them")
+
+
+def scored(problem: int, sample: int, row, example: Example, prompt_tokens: int, tokenizer, score) -> Record:
+    """One sampled completion (a :class:`pte.rollout.RolloutRow`), decoded and scored."""
+    text = tokenizer.decode(row.completion_ids, skip_special_tokens=True)
+    s = float(score(text, example))
+    return Record(problem, sample, example.source, example.prompt, example.answer, text, extract_answer(text), s,
+                  s >= 1.0, prompt_tokens, len(row.completion_ids), len(row.eviction_steps), row.finish_reason)
+
+
 def evaluate(model, tokenizer, examples: list[Example], score, *, spec: CacheSpec, sampling: Sampling,
              n_samples: int = 1, ks=(1,), batch_size: int = 16, adapter=None, chat: bool = False,
              progress: bool = True, seed: int = 0, budget: int | None = None, label: str | None = None,
@@ -214,19 +231,12 @@ def evaluate(model, tokenizer, examples: list[Example], score, *, spec: CacheSpe
                          f"{spec.window}; split it with split_budget")
     jobs = [(i, j) for i in range(len(examples)) for j in range(n_samples)]
     records = list(done)
-    if len(records) % batch_size and len(records) != len(jobs) or len(records) > len(jobs) or \
-            [(r.problem, r.sample) for r in records] != jobs[:len(records)]:
-        raise ValueError(f"{len(records)} earlier records do not match this run's complete batches "
-                         f"({len(jobs)} samples in batches of {batch_size}); start over without them")
+    check_done(records, jobs, batch_size)
     device = next(model.parameters()).device
     pad = pad_token_id(tokenizer, sampling.eos_token_ids)
     gen = torch.Generator(device=device)
     rollout(model, [prompts[0]], Sampling(2, temperature=0), spec, pad_token_id=pad, adapter=adapter)  # warm-up
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        reset_peak_rss()
+    reset_peak(device)
     label = label or size_label(spec.window, budget)
     generated, gen_seconds = 0, 0.0
     start = time.perf_counter()
@@ -242,13 +252,8 @@ def evaluate(model, tokenizer, examples: list[Example], score, *, spec: CacheSpe
                 res = rollout(model, [prompts[i] for i, _ in batch], sampling, spec, pad_token_id=pad,
                               tokenizer=tokenizer, generator=gen, adapter=adapter)
                 generated, gen_seconds = generated + res.generated_tokens, gen_seconds + res.seconds
-                new = []
-                for (i, j), row in zip(batch, res.rows):
-                    text = tokenizer.decode(row.completion_ids, skip_special_tokens=True)
-                    s = float(score(text, examples[i]))
-                    new.append(Record(i, j, examples[i].source, examples[i].prompt, examples[i].answer, text,
-                                      extract_answer(text), s, s >= 1.0, len(prompts[i]), len(row.completion_ids),
-                                      len(row.eviction_steps), row.finish_reason))
+                new = [scored(i, j, row, examples[i], len(prompts[i]), tokenizer, score)
+                       for (i, j), row in zip(batch, res.rows)]
                 if sink is not None:
                     sink.write("".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in new))
                     sink.flush()
@@ -259,10 +264,9 @@ def evaluate(model, tokenizer, examples: list[Example], score, *, spec: CacheSpe
         if sink is not None:
             sink.close()
     seconds = time.perf_counter() - start
+    peak_bytes, memory_kind = peak(device)
     verdicts = [[r.correct for r in records[i * n_samples:(i + 1) * n_samples]] for i in range(len(examples))]
-    reasons: dict[str, int] = {}
-    for r in records:
-        reasons[r.finish_reason] = reasons.get(r.finish_reason, 0) + 1
+    reasons = dict(Counter(r.finish_reason for r in records))
     summary = Summary(
         label=label, sized_by="full" if spec.window is None else "budget" if budget is not None else "window",
         window=spec.window, budget=None if spec.window is None else budget or longest + spec.window,
@@ -271,8 +275,7 @@ def evaluate(model, tokenizer, examples: list[Example], score, *, spec: CacheSpe
         mean_length=sum(r.length for r in records) / len(records),
         mean_evictions=sum(r.evictions for r in records) / len(records), finish_reasons=reasons,
         generated_tokens=generated + sum(r.length for r in done), tokens_per_s=generated / max(gen_seconds, 1e-9),
-        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes(),
-        memory_kind="cuda_max_allocated" if cuda else "cpu_peak_rss", seconds=seconds, resumed=len(done),
+        peak_memory_bytes=peak_bytes, memory_kind=memory_kind, seconds=seconds, resumed=len(done),
     )
     return EvalResult(records, summary)
 

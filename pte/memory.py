@@ -52,6 +52,25 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak(device: "torch.device") -> None:
+    """Start a peak-memory measurement on ``device``: CUDA's allocator statistics, else this process's RSS."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+
+
+def peak(device: "torch.device") -> tuple[int, str]:
+    """-> (peak bytes since :func:`reset_peak`, what was measured: ``cuda_max_allocated`` or ``cpu_peak_rss``)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    return peak_rss_bytes(), "cpu_peak_rss"
+
+
 class LiveTensorBytes:
     """Peak bytes of tensor storages allocated inside the block and alive at once (CPU or CUDA).
 

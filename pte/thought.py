@@ -13,7 +13,9 @@ What S is: ``q_g`` does not depend on the input, so ``sum_k S'_k = Q_a (sum_e k_
 queries, a rank-r *linear-attention memory* of every evicted token: the sum over chunks equals one pass over all
 evicted tokens (there is no softmax in eq. 4).
 
-Defaults (each alternative is a switch in :class:`pte.adapter.AdapterConfig`):
+Each read is one :class:`StateRead` (``init`` / ``update`` / ``read``, and the exact-history form beside them):
+:class:`SoftmaxRead`, :class:`LinearAccumulate`, :class:`LinearRecursive`. :class:`ThoughtState` calls the chosen
+one on every eviction. Defaults (each alternative is a switch in :class:`pte.adapter.AdapterConfig`):
 - ``state_attention="softmax"``: each global query reads the evicted tokens (and the global tokens themselves)
   with a softmax, ``S = Normalize(softmax(Q_a [K_g; K_e]^T / sqrt(r)) [V_g; V_e])`` (Fig. 2 labels these paths
   attention), accumulated online over evictions (running max, denominator, numerator per query: constant memory,
@@ -128,14 +130,14 @@ class SharedGlobals:
     because the parameters do not change within a replay, and it spares every segment the global tokens' pass
     through the frozen projections, forward and backward."""
 
-    def __init__(self, encoders: nn.ModuleList, attention: str):
-        self.encoders, self.attention = encoders, attention
+    def __init__(self, encoders: nn.ModuleList, read: "StateRead"):
+        self.encoders, self.read = encoders, read
         self.roots: list[Globals | None] = [None] * len(encoders)
         self.leaves: list[Globals | None] = [None] * len(encoders)
 
     def __getitem__(self, i: int) -> Globals:
         if self.leaves[i] is None:
-            root = self.encoders[i].globals(self.attention)
+            root = self.read.init(self.encoders[i])
             if torch.is_grad_enabled():
                 self.roots[i] = root
                 root = Globals(*(None if t is None else t.detach().requires_grad_() for t in root))
@@ -244,19 +246,128 @@ class ThoughtEncoder(nn.Module):
         ka, va = self.project(keys, values, positions)  # [batch, m, r]
         return (self.queries() if q is None else q) @ (ka.transpose(1, 2) @ va)  # [n_g, r] @ [batch, r, r]
 
-    def globals(self, attention: str) -> Globals:
-        """:class:`Globals` from one pass of the global tokens through the frozen projections."""
+    def global_projections(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass of the global tokens through the frozen and the adapter projections: W^a_Q q_g, W^a_K k_g,
+        W^a_V v_g, each [n_g, r]."""
         q, k, v = self.global_qkv()
-        q, ka, va = q @ self.wa_q.T, k @ self.wa_k.T, v @ self.wa_v.T  # [n_g, r] each
-        if attention == "softmax":
-            return Globals(q, *self.summary(ka, va, q))
-        return Globals(q, initial=q @ ka.T @ va)
+        return q @ self.wa_q.T, k @ self.wa_k.T, v @ self.wa_v.T
 
     def normalize(self, r: torch.Tensor) -> torch.Tensor:
         """[batch, n_g, r] -> Frobenius norm sqrt(min(n_g, r)) (or the learnt scale) per sample."""
         scale = self.log_scale.exp() if self.log_scale is not None else self.target_norm
         norm = r.flatten(1).norm(dim=-1).clamp_min(1e-12)[:, None, None]
         return r * (scale / norm)
+
+
+class StateRead:
+    """How a layer's state is made of the global tokens and the evicted ones; one subclass per read.
+
+    ``init`` takes what the parameters alone give (:class:`Globals`), ``update`` folds one eviction into the
+    history a layer carries, ``read`` makes the state ``[batch, n_g, r]`` of both. The exact-history form
+    (``state_grad="history"``) keeps :attr:`history_kind`'s fixed-size statistics instead (``update_exact``) and
+    reads them with their gradient through every past eviction (``read_exact``). ``with_globals=False`` is the
+    ``global0`` ablation: the global tokens' part of the state is zero."""
+
+    history_kind: type | None = None  # the pte.history statistics of the exact form; None: it has none
+
+    def __init__(self, with_globals: bool = True):
+        self.with_globals = with_globals
+
+    def init(self, enc: ThoughtEncoder) -> Globals:
+        raise NotImplementedError
+
+    def update(self, enc: ThoughtEncoder, g: Globals, hist, keys: torch.Tensor, values: torch.Tensor,
+               positions: torch.Tensor | None, current):
+        """-> the history after one eviction: keys/values [batch, kv_heads, m, head_dim], ``positions``
+        [batch, m] or ``None`` (keys used as cached), ``current()`` the state before it."""
+        raise NotImplementedError
+
+    def read(self, enc: ThoughtEncoder, g: Globals, hist, batch: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update_exact(self, enc: ThoughtEncoder, g: Globals, hist, keys, values, positions):
+        """The exact form's history after one eviction: statistics of the raw evicted keys/values, taken at the
+        current (detached) projections."""
+        k, v = enc.raw(keys, values, positions)
+        new = self.history_kind.of(g.q.detach(), enc.wa_k.detach(), enc.wa_v.detach(), k, v)
+        return new if hist is None else hist.merge(new)
+
+    def read_exact(self, enc: ThoughtEncoder, g: Globals, hist, batch: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SoftmaxRead(StateRead):
+    """``S = Normalize(softmax(Q_a [K_g; K_e]^T / sqrt(r)) [V_g; V_e])``: the history is the evicted tokens'
+    online :class:`Summary`, merged eviction by eviction (equal to one softmax over all of them)."""
+
+    history_kind = SoftmaxHistory
+
+    def init(self, enc):
+        q, ka, va = enc.global_projections()
+        return Globals(q, *enc.summary(ka, va, q))
+
+    def update(self, enc, g, hist, keys, values, positions, current):
+        new = enc.summary(*enc.project(keys, values, positions), g.q)
+        return new if hist is None else hist.merge(new)
+
+    def read(self, enc, g, hist, batch):
+        if not self.with_globals:
+            if hist is None:
+                return torch.zeros(batch, *g.q.shape, dtype=enc.dtype, device=enc.h_g.device)
+            return enc.normalize(hist.read())
+        glob = g.summary.apply(lambda t: t.expand(batch, *t.shape))
+        return enc.normalize((glob if hist is None else glob.merge(hist)).read())
+
+    def read_exact(self, enc, g, hist, batch):
+        lse_h, read_h = hist.attach(g.q, enc.wa_k, enc.wa_v)
+        if not self.with_globals:
+            return enc.normalize(read_h)
+        lse_g, read_g = g.top + g.denom.log(), g.summary.read()  # [n_g], [n_g, r]
+        share = torch.sigmoid(lse_g - lse_h)[..., None]  # the global tokens' share of the softmax mass
+        return enc.normalize(share * read_g + (1 - share) * read_h)
+
+
+class LinearAccumulate(StateRead):
+    """Eq. 4 as printed: ``S = Normalize(S_g + sum_k S'_k)``; the history is ``sum_k S'_k``."""
+
+    history_kind = LinearHistory
+
+    def init(self, enc):
+        q, ka, va = enc.global_projections()
+        return Globals(q, initial=q @ ka.T @ va)
+
+    def initial(self, g: Globals, batch: int) -> torch.Tensor:
+        """S_g [batch, n_g, r] (zero without the global tokens)."""
+        s_g = g.initial if self.with_globals else torch.zeros_like(g.initial)
+        return s_g.expand(batch, -1, -1)
+
+    def update(self, enc, g, hist, keys, values, positions, current):
+        s_new = enc.evicted_state(keys, values, positions, g.q)
+        return s_new if hist is None else hist + s_new
+
+    def read(self, enc, g, hist, batch):
+        return enc.normalize(self.initial(g, batch) if hist is None else self.initial(g, batch) + hist)
+
+    def read_exact(self, enc, g, hist, batch):
+        return enc.normalize(self.initial(g, batch) + hist.attach(g.q, enc.wa_k, enc.wa_v))
+
+
+class LinearRecursive(LinearAccumulate):
+    """The text's recursive form, ``S <- Normalize(S + S')``, which forgets old evictions geometrically; the
+    history is the latest state. A renormalisation at every eviction has no fixed-size gradient statistics, so
+    there is no exact-history form."""
+
+    history_kind = None
+
+    def update(self, enc, g, hist, keys, values, positions, current):
+        return enc.normalize(current() + enc.evicted_state(keys, values, positions, g.q))
+
+    def read(self, enc, g, hist, batch):
+        return super().read(enc, g, None, batch) if hist is None else hist
+
+
+READS = {("softmax", "accumulate"): SoftmaxRead, ("linear", "accumulate"): LinearAccumulate,
+         ("linear", "recursive"): LinearRecursive}
 
 
 class ThoughtState(CacheListener):
@@ -267,34 +378,40 @@ class ThoughtState(CacheListener):
     state after all evictions made before it; the prompt forward uses the global tokens' state; cached
     keys/values are never recomputed. Tokens between two evictions form one segment under one state.
 
-    ``history[i]`` is what layer i carries between evictions: the evicted tokens' :class:`Summary` (softmax),
-    ``sum_k S'_k`` (linear, accumulate) or the latest state (linear, recursive); ``None`` before the first
-    eviction. The global tokens' part (:class:`Globals`) comes from the parameters: read from one
+    How a state is made is its :class:`StateRead` (:data:`READS`, by ``attention`` x ``update``); this class only
+    keeps the time. ``history[i]`` is what layer i carries between evictions (the read's history), ``None``
+    before the first one. The global tokens' part (:class:`Globals`) comes from the parameters: read from one
     :class:`SharedGlobals` (``share_globals``; by default when built under no grad), or recomputed whenever the
-    state is (see :meth:`refresh`), so it always carries a graph. With ``exact_history`` (replay, ``state_grad="history"``) the
-    history is kept as :mod:`pte.history`'s fixed-size statistics instead, whose read carries the exact gradient
-    through every past eviction. States and histories are in the encoders' dtype (fp32) for any base dtype.
+    state is (see :meth:`refresh`), so it always carries a graph. With ``exact_history`` (replay,
+    ``state_grad="history"``) the history is kept as :mod:`pte.history`'s fixed-size statistics instead, whose read
+    carries the exact gradient through every past eviction. States and histories are in the encoders' dtype (fp32)
+    for any base dtype.
     """
 
     def __init__(self, encoders: nn.ModuleList, slots: list[StateSlot], batch: int, *, attention: str = "softmax",
                  update: str = "accumulate", ablation: str = "none", key_rope: str = "unrotate",
                  exact_history: bool = False, share_globals: bool | None = None):
-        if exact_history and attention == "linear" and update == "recursive":
+        if (attention, update) not in READS:
+            raise ValueError(f"state_attention={attention!r} with state_update={update!r}: no such state read; "
+                             f"choose one of {sorted(READS)}")
+        self.read: StateRead = READS[attention, update](with_globals=ablation != "global0")
+        if exact_history and self.read.history_kind is None:
             raise ValueError("state_grad='history' needs state_update='accumulate' (a recursive renormalisation has no "
                              "fixed-size gradient statistics); use state_grad='segment'")
         self.encoders, self.slots = encoders, slots
-        self.attention, self.update, self.ablation, self.key_rope = attention, update, ablation, key_rope
+        self.folds_evictions = ablation != "global_only"  # False: the Global-Only ablation
+        self.key_rope = key_rope
         self.exact = exact_history
         self.batch = batch
         self.history: list = [None] * len(encoders)
         # None: share when built under no grad (constants); True with grad: the caller calls backward_globals()
         share = not torch.is_grad_enabled() if share_globals is None else share_globals
-        self.shared = SharedGlobals(encoders, attention) if share else None
+        self.shared = SharedGlobals(encoders, self.read) if share else None
         self.refresh()
 
     def _globals(self, i: int) -> Globals:
         """Layer i's :class:`Globals`: shared (:class:`SharedGlobals`), or a fresh graph per state."""
-        return self.shared[i] if self.shared is not None else self.encoders[i].globals(self.attention)
+        return self.shared[i] if self.shared is not None else self.read.init(self.encoders[i])
 
     def backward_globals(self) -> None:
         """With shared globals under grad: send their accumulated gradients into the parameters (after the last
@@ -302,36 +419,11 @@ class ThoughtState(CacheListener):
         if self.shared is not None:
             self.shared.backward()
 
-    def _initial(self, g: Globals) -> torch.Tensor:
-        s_g = torch.zeros_like(g.initial) if self.ablation == "global0" else g.initial
-        return s_g.expand(self.batch, -1, -1)
-
     def _state(self, i: int) -> torch.Tensor:
         enc, hist, g = self.encoders[i], self.history[i], self._globals(i)
         if self.exact and hist is not None:
-            return self._exact_state(i, g)
-        if self.attention == "softmax":
-            if self.ablation == "global0":
-                if hist is None:
-                    return torch.zeros(self.batch, *g.q.shape, dtype=enc.dtype, device=enc.h_g.device)
-                return enc.normalize(hist.read())
-            glob = g.summary.apply(lambda t: t.expand(self.batch, *t.shape))
-            return enc.normalize((glob if hist is None else glob.merge(hist)).read())
-        if self.update == "recursive" and hist is not None:
-            return hist
-        return enc.normalize(self._initial(g) if hist is None else self._initial(g) + hist)
-
-    def _exact_state(self, i: int, g: Globals) -> torch.Tensor:
-        """:meth:`_state` with the history attached to the parameters through :mod:`pte.history`."""
-        enc = self.encoders[i]
-        if self.attention == "linear":
-            return enc.normalize(self._initial(g) + self.history[i].attach(g.q, enc.wa_k, enc.wa_v))
-        lse_h, read_h = self.history[i].attach(g.q, enc.wa_k, enc.wa_v)
-        if self.ablation == "global0":
-            return enc.normalize(read_h)
-        lse_g, read_g = g.top + g.denom.log(), g.summary.read()  # [n_g], [n_g, r]
-        share = torch.sigmoid(lse_g - lse_h)[..., None]  # the global tokens' share of the softmax mass
-        return enc.normalize(share * read_g + (1 - share) * read_h)
+            return self.read.read_exact(enc, g, hist, self.batch)
+        return self.read.read(enc, g, hist, self.batch)
 
     def refresh(self) -> None:
         """Every layer's state is recomputed from the parameters (a fresh graph) and the carried history, at its
@@ -340,27 +432,18 @@ class ThoughtState(CacheListener):
             slot.defer(lambda i=i: self._state(i))
 
     def on_evict(self, event: EvictionEvent) -> None:
-        if self.ablation == "global_only":
+        if not self.folds_evictions:
             return
         for i, (enc, slot) in enumerate(zip(self.encoders, self.slots)):
             if event.keys[i].shape[-2] == 0:  # a per-layer budget cut nothing here: the state stays
                 continue
             pos = event.positions[i] if self.key_rope == "unrotate" else None
-            hist = self.history[i]
+            g, hist = self._globals(i), self.history[i]
             if self.exact:
-                kind = SoftmaxHistory if self.attention == "softmax" else LinearHistory
-                k, v = enc.raw(event.keys[i], event.values[i], pos)
-                new = kind.of(self._globals(i).q.detach(), enc.wa_k.detach(), enc.wa_v.detach(), k, v)
-                self.history[i] = new if hist is None else hist.merge(new)
-            elif self.attention == "softmax":
-                new = enc.summary(*enc.project(event.keys[i], event.values[i], pos), self._globals(i).q)
-                self.history[i] = new if hist is None else hist.merge(new)
-            elif self.update == "recursive":
-                s_new = enc.evicted_state(event.keys[i], event.values[i], pos, self._globals(i).q)
-                self.history[i] = enc.normalize(slot.state + s_new)
+                self.history[i] = self.read.update_exact(enc, g, hist, event.keys[i], event.values[i], pos)
             else:
-                s_new = enc.evicted_state(event.keys[i], event.values[i], pos, self._globals(i).q)
-                self.history[i] = s_new if hist is None else hist + s_new
+                self.history[i] = self.read.update(enc, g, hist, event.keys[i], event.values[i], pos,
+                                                   current=lambda slot=slot: slot.state)
             slot.defer(lambda i=i: self._state(i))
 
     def _map_history(self, fn) -> None:

@@ -14,9 +14,9 @@ import argparse
 
 import torch
 
-from pte.mechanism import worked_rows
+from pte.lab.mechanism import worked_rows
 from pte.models import load
-from pte.pretrain import SHIPPED_BASE, recipe_task
+from pte.lab.pretrain import SHIPPED_BASE, recipe_task
 from pte.rollout import CacheSpec, Decoder, left_pad
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from pte.adapter import load as load_adapter
 from pte.config import load_dataclass
-from pte.demo import EVAL_SEED, DemoConfig, train_method
+from pte.lab.demo import EVAL_SEED, DemoConfig, train_method
 from pte.evaluate import evaluate
 from pte.methods import METHODS
 from pte.models import load
-from pte.pretrain import SHIPPED_BASE, recipe_task
+from pte.lab.pretrain import SHIPPED_BASE, recipe_task
 from pte.rollout import CacheSpec, Sampling
 from pte.checkpoint import latest as latest_checkpoint
 

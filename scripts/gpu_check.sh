@@ -74,7 +74,7 @@ stage train_pte 180 "$PY" -m pte train --set model.name=pte/assets/long_range_ba
 # 4. the real training step of a random-initialised 7B-shaped model at 3072 tokens vs the fake-mode prediction
 stage memory_7b 240 "$PY" - <<'PY'
 import json, os, time, torch
-from pte import paper_memory as pm
+from pte.lab import paper_memory as pm
 from pte.adapter import AdapterConfig, attach
 from pte.models import tiny_config
 smoke = os.environ["SMOKE"] == "1"

@@ -13,7 +13,7 @@ import pstats
 
 import torch
 
-from pte.bench import TrainStep
+from pte.lab.bench import TrainStep
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--setting", default="demo")

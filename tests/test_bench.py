@@ -1,6 +1,6 @@
 import json
 
-from pte.bench import bench_rollout
+from pte.lab.bench import bench_rollout
 
 
 def test_rollout_bench_writes_json_and_plot(tmp_path, capsys):
@@ -15,7 +15,7 @@ def test_rollout_bench_writes_json_and_plot(tmp_path, capsys):
 
 def test_train_step_bench_times_both_methods(tmp_path, capsys):
     """`pte bench train-step` end to end on a short setting: both methods, every phase, medians and ratios."""
-    from pte.bench import TRAIN_STEP_PHASES, bench_train_step
+    from pte.lab.bench import TRAIN_STEP_PHASES, bench_train_step
 
     out = tmp_path / "step.json"
     (r,) = bench_train_step(str(out), settings=("long",), reps=1, rows=2, length=24, window=8)

@@ -85,7 +85,7 @@ def test_demo_quick_runs_end_to_end(capsys, tmp_path):
     """The README's main command in its short form: exactness, GRPO for three methods, evaluation, the table."""
     import json as _json
 
-    from pte.demo import demo
+    from pte.lab.demo import demo
 
     assert demo(quick=True, out=str(tmp_path)) == 0
     out = capsys.readouterr().out
@@ -179,9 +179,9 @@ def test_training_rollouts_stop_at_the_ids_generate_and_eval_stop_at(tmp_path, m
 def test_lab_commands_load_their_config_with_flags_then_set(capsys):
     """pretrain-task, check-mechanism and demo: defaults are the dataclass's, flags map onto fields, --set wins."""
     from pte.cli import _command_config, build_parser
-    from pte.demo import DemoConfig
-    from pte.mechanism import MechanismConfig
-    from pte.pretrain import PretrainConfig
+    from pte.lab.demo import DemoConfig
+    from pte.lab.mechanism import MechanismConfig
+    from pte.lab.pretrain import PretrainConfig
 
     parse = build_parser().parse_args
     assert _command_config(PretrainConfig, parse(["pretrain-task"])) == PretrainConfig()

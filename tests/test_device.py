@@ -1,4 +1,4 @@
-"""The device check (pte.paper_memory.device_check): replay -> clipped loss -> backward -> Adam on a fake accelerator."""
+"""The device check (pte.lab.paper_memory.device_check): replay -> clipped loss -> backward -> Adam on a fake accelerator."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import pte.grpo as grpo
 from pte.adapter import AdapterConfig, attach
 from pte.cache import sliding_eviction_steps
 from pte.models import tiny_model
-from pte.paper_memory import FAKE_DEVICE, DeviceMismatch, device_check
+from pte.lab.paper_memory import FAKE_DEVICE, DeviceMismatch, device_check
 from pte.replay import replay
 from pte.rollout import CacheSpec, Sampling, rollout
 

@@ -1,4 +1,4 @@
-"""pte.paper_memory: the fake-mode measurement equals the real one, its extrapolations are exact, the FLOPs formula."""
+"""pte.lab.paper_memory: the fake-mode measurement equals the real one, its extrapolations are exact, the FLOPs formula."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from helpers import thought_starts
 from pte.adapter import AdapterConfig, attach
 from pte.memory import LiveTensorBytes
 from pte.models import tiny_config, tiny_model
-from pte.paper_memory import (PAPER_MODELS, Scalars, attention_tflops, extrapolate, fake_device, paper_config,
+from pte.lab.paper_memory import (PAPER_MODELS, Scalars, attention_tflops, extrapolate, fake_device, paper_config,
                               step_memory, training_step)
 from pte.rollout import CacheSpec, Sampling, rollout
 

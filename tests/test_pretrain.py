@@ -7,9 +7,9 @@ import json
 import torch
 
 from pte.cache import BoundedCache, window_visibility
-from pte.mechanism import worked_rows
+from pte.lab.mechanism import worked_rows
 from pte.models import load
-from pte.pretrain import SHIPPED_BASE, PretrainConfig, pretrain, task_accuracy
+from pte.lab.pretrain import SHIPPED_BASE, PretrainConfig, pretrain, task_accuracy
 from pte.replay import replay
 from pte.rollout import CacheSpec, Decoder, left_pad
 from pte.tasks.long_range import LongRange

@@ -279,7 +279,7 @@ def test_a_batch_without_signal_skips_the_replay_and_leaves_the_adapter_unchange
     mismatch) and Adam, stepping on zero gradients, leaves A at its zero init."""
     from pte.adapter import load as load_adapter
     from pte.models import load as load_model
-    from pte.pretrain import SHIPPED_BASE
+    from pte.lab.pretrain import SHIPPED_BASE
     from pte.checkpoint import latest as latest_checkpoint
 
     out = tmp_path / "run"

@@ -24,7 +24,7 @@ from pte.adapter import AdapterConfig, attach
 from pte.cache import sliding_eviction_steps
 from pte.methods import METHODS
 from pte.models import load
-from pte.pretrain import SHIPPED_BASE, recipe_task, task_accuracy
+from pte.lab.pretrain import SHIPPED_BASE, recipe_task, task_accuracy
 from pte.replay import replay
 from pte.rollout import CacheSpec, RolloutRow
 from pte.tasks.long_range import LongRange

@@ -26,7 +26,7 @@ from pte.cache import window_visibility
 from pte.models import tiny_model
 from pte.tasks.long_range import LongRange, tokenizer
 
-SHIPPED_BASE = Path(__file__).resolve().parent / "assets" / "long_range_base"
+SHIPPED_BASE = Path(__file__).resolve().parents[1] / "assets" / "long_range_base"
 
 
 @dataclass

@@ -38,7 +38,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 FAKE_DEVICE = torch.device("meta")
-MODELS_DIR = Path(__file__).parent / "assets" / "paper_models"
+MODELS_DIR = Path(__file__).resolve().parents[1] / "assets" / "paper_models"
 PAPER_MODELS = ("Qwen2.5-3B-Instruct", "Qwen2.5-7B-Instruct", "DeepSeek-R1-Distill-Llama-8B")
 METHODS = ("lora", "lora_c", "pte")
 GIB = 2**30

@@ -175,7 +175,7 @@ def _run_workers(kind: str, configs: list[dict], describe) -> list[dict]:
     for i, cfg in enumerate(configs, 1):
         label = " ".join(f"{k}={v}" for k, v in cfg.items() if k in ("engine", "method", "length", "setting"))
         print(f"[{i}/{len(configs)}] {label} ...", end=" ", flush=True, file=sys.stderr)
-        proc = subprocess.run([sys.executable, "-m", "pte.bench", kind, json.dumps(cfg)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "pte.lab.bench", kind, json.dumps(cfg)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark worker {label} failed:\n{proc.stderr[-4000:]}")
         row = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -231,9 +231,9 @@ def plot_rollout(results: list[dict], path: Path) -> None:
 
 
 def bench_paper_memory(out: str, lengths=(3072, 6144, 16384, 65536), window: int = 1024, **kwargs) -> list[dict]:
-    """``pte bench paper-memory``: the paper's models' training step on fake tensors (:mod:`pte.paper_memory`);
+    """``pte bench paper-memory``: the paper's models' training step on fake tensors (:mod:`pte.lab.paper_memory`);
     JSON records, then the table of docs/paper_memory.md on stdout. No subprocesses: nothing is allocated."""
-    from pte.paper_memory import paper_records
+    from pte.lab.paper_memory import paper_records
 
     start = time.perf_counter()
     records = paper_records(lengths=lengths, window=window, log=lambda m: print(m, file=sys.stderr), **kwargs)
@@ -303,9 +303,9 @@ class TrainStep:
         else:
             from pte.data import render_prompt
             from pte.models import load
-            from pte.pretrain import recipe_task
+            from pte.lab.pretrain import recipe_task
 
-            path = Path(__file__).parent / "assets" / s["model"]
+            path = Path(__file__).resolve().parents[1] / "assets" / s["model"]
             base, tok = load(str(path))
             examples = recipe_task(path).examples(s["rows"], seed=0)
             self.prompts = [render_prompt(tok, ex.prompt, "{prompt}") for ex in examples]
@@ -400,4 +400,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] in WORKERS:
         print(json.dumps(WORKERS[sys.argv[1]](**json.loads(sys.argv[2]))))
     else:
-        sys.exit("usage: python -m pte.bench {rollout-worker|train-memory-worker|train-step-worker} JSON (use `pte bench` instead)")
+        sys.exit("usage: python -m pte.lab.bench {rollout-worker|train-memory-worker|train-step-worker} JSON (use `pte bench` instead)")

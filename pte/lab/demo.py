@@ -76,7 +76,7 @@ EVAL_SEED = 30_000_001  # held-out: training draws its problems with seed run.se
 
 
 def base_model_dir(log) -> Path:
-    from pte.pretrain import SHIPPED_BASE, PretrainConfig, pretrain
+    from pte.lab.pretrain import SHIPPED_BASE, PretrainConfig, pretrain
 
     if (SHIPPED_BASE / "model.safetensors").exists():
         return SHIPPED_BASE
@@ -97,7 +97,7 @@ CALIBRATION = dict(steps=60, lr=1e-3, window_fraction=0.5, window=8)
 def train_method(base: Path, method: str, window: int | None, cfg: DemoConfig, out: Path, max_new: int,
                  threads: int | None = None, progress: bool = True) -> dict:
     from pte.config import TrainConfig
-    from pte.pretrain import recipe_task
+    from pte.lab.pretrain import recipe_task
     from pte.train import train
 
     tc = TrainConfig()
@@ -193,7 +193,7 @@ def demo(quick: bool = False, out: str | None = None, cfg: DemoConfig | None = N
     from pte.adapter import load as load_adapter
     from pte.evaluate import EvalResult, compare, evaluate, write_run
     from pte.models import load
-    from pte.pretrain import recipe_task
+    from pte.lab.pretrain import recipe_task
     from pte.checkpoint import latest as latest_checkpoint
 
     def log(msg: str) -> None:
