@@ -19,16 +19,19 @@ CHARS = string.digits + string.ascii_letters + string.punctuation + " \n"
 SPECIALS = ("<pad>", "<eos>", "<bos>")
 
 
-def char_tokenizer(extra_tokens: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+def char_tokenizer(extra_tokens: tuple[str, ...] = (),
+                   appended_tokens: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """A character-level tokenizer (ids 0..2 are <pad>, <eos>, <bos>), built offline. ``extra_tokens``: multi-
-    character strings that become single tokens (ids after the specials), matched before single characters."""
+    character strings that become single tokens (ids after the specials), matched before single characters;
+    ``appended_tokens`` likewise, with ids after the characters (so adding them moves no other id)."""
     import re
 
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(extra_tokens) + tuple(CHARS))}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(extra_tokens) + tuple(CHARS) + tuple(appended_tokens))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    pattern = "|".join([re.escape(t) for t in sorted(extra_tokens, key=len, reverse=True)] + ["."])
+    multi = sorted((*extra_tokens, *appended_tokens), key=len, reverse=True)
+    pattern = "|".join([re.escape(t) for t in multi] + ["."])
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")

@@ -9,6 +9,12 @@ Each (method, seed) is exactly the two README commands, run as subprocesses:
     pte eval --model pte/assets/long_range_base --adapter OUT/{method}-s{S}/checkpoint-000100 \
         --benchmark long_range --seed 30000001 --limit 200 --cache-window 8 --temperature 0 --max-new-tokens 66 --out OUT/{method}-s{S}/eval
 
+The ablations of the paper's Fig. 4c and of the state read run the same way, as named variants of PTE's recipe
+(:data:`VARIANTS`, each a set of config overrides):
+
+    python scripts/seed_study.py --methods pte --variants global0,global4,global16,global32,global_only,linear \
+        --seeds 0,1,2 --out runs/ablations
+
 One JSON line per run goes to OUT/results.jsonl (accuracy, 95% interval, training reward per 10 steps, wall times);
 a markdown table of every seed and the mean to OUT/table.md.
 """
@@ -25,15 +31,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_SEED = 30_000_001  # the demo's held-out problems
+# ablations at rank 8: the number of global tokens (Fig. 4c; "global0" is the paper's #Global-0, a state that is
+# zero until the first eviction), the state without its eviction update (Global-Only), and the state reads
+VARIANTS = {
+    "global0": ["adapter.ablation=global0"],
+    **{f"global{n}": [f"adapter.n_global={n}"] for n in (4, 8, 16, 32)},
+    "global_only": ["adapter.ablation=global_only"],
+    "linear": ["adapter.state_attention=linear"],
+    "linear_recursive": ["adapter.state_attention=linear", "adapter.state_update=recursive",
+                         "grpo.state_grad=segment"],
+}
 
 
-def run_one(method: str, seed: int, out: Path, overrides: list[str], window: int, limit: int) -> dict:
-    run_dir = out / f"{method}-s{seed}"
+def run_one(method: str, seed: int, out: Path, overrides: list[str], window: int, limit: int,
+            variant: str | None = None) -> dict:
+    name = method if variant is None else f"{method}-{variant}"
+    run_dir = out / f"{name}-s{seed}"
+    overrides = [*VARIANTS.get(variant, []), *overrides]
     sets = [f"run.seed={seed}", f"run.out_dir={run_dir}", *overrides]
     train = [sys.executable, "-m", "pte", "train", "--config", str(ROOT / f"configs/long_range_{method}.yaml"),
              *sum([["--set", s] for s in sets], [])]
     t0 = time.perf_counter()
-    log = (out / f"{method}-s{seed}.log").open("w")
+    log = (out / f"{name}-s{seed}.log").open("w")
     subprocess.run(train, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     train_s = time.perf_counter() - t0
     from pte.checkpoint import latest
@@ -49,7 +68,7 @@ def run_one(method: str, seed: int, out: Path, overrides: list[str], window: int
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rewards = [m["reward"] for m in metrics if m.get("reward") is not None]
     per10 = [round(sum(rewards[i:i + 10]) / len(rewards[i:i + 10]), 2) for i in range(0, len(rewards), 10)]
-    return {"method": method, "seed": seed, "accuracy": summary["pass1"], "ci": [summary["ci_low"], summary["ci_high"]],
+    return {"method": name, "seed": seed, "accuracy": summary["pass1"], "ci": [summary["ci_low"], summary["ci_high"]],
             "reward_per_10_steps": per10, "train_seconds": round(train_s, 1),
             "eval_seconds": round(time.perf_counter() - t1, 1), "checkpoint": str(ckpt), "overrides": overrides,
             "skipped_steps": sum(bool(m.get("skipped_step")) for m in metrics),
@@ -77,14 +96,19 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--variants", default="", help=f"comma-separated ablations of the recipe, from {list(VARIANTS)}")
     ap.add_argument("--set", action="append", default=[], help="config override for every run, key=value")
     args = ap.parse_args()
+    variants = [v for v in args.variants.split(",") if v] or [None]
+    unknown = [v for v in variants if v is not None and v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(m, int(s)) for m in args.methods.split(",") for s in args.seeds.split(",")]
+    jobs = [(m, v, int(s)) for m in args.methods.split(",") for v in variants for s in args.seeds.split(",")]
     results = out / "results.jsonl"
     with ThreadPoolExecutor(args.workers) as pool:
-        futures = [pool.submit(run_one, m, s, out, args.set, args.window, args.limit) for m, s in jobs]
+        futures = [pool.submit(run_one, m, s, out, args.set, args.window, args.limit, v) for m, v, s in jobs]
         rows = []
         for f in futures:
             row = f.result()

@@ -60,3 +60,35 @@ def test_difficulty_guard():
         make_task("long_range", hops=0)
     with pytest.raises(ValueError, match="hops=10"):
         make_task("long_range", hops=10)
+
+
+def test_countdown_variant_counts_blocks_and_verifies_the_whole_countdown():
+    task = LongRange(countdown=3, block=4)
+    tok = tokenizer(countdown=True)
+    for e in task.examples(20, seed=4):
+        solution = task.solution(e)
+        assert e.prompt.endswith(" #02 =") and task.filler_text == "#02...#01...#00..."
+        assert task.score(solution, e) == 1.0
+        assert task.score(solution[:-1] + str((int(e.answer) + 1) % 10), e) == 0.0
+        assert task.score(solution.replace("#01...", ""), e) == 0.0  # a skipped block does not score
+        assert task.score(solution.replace("#01", "#02"), e) == 0.0  # nor a wrong counter
+        ids = tok(solution)["input_ids"]
+        assert tok.decode(ids) == solution
+        assert len(ids) == len(solution) - 3 * (len("#00") - 1)  # each counter is one token
+    # the distance in tokens between the restated result and its use grows with the countdown alone
+    assert LongRange(countdown=20).thought_tokens_before_answer() - \
+        LongRange(countdown=10).thought_tokens_before_answer() == 10 * 4
+    # the plain task's token ids do not move when the counters are added
+    plain, counted = tokenizer(), tokenizer(countdown=True)
+    text = "9>6 4>2 start 4 = 2 0 a0 .... ans 0"
+    assert plain(text)["input_ids"] == counted(text)["input_ids"] and len(counted) == len(plain) + 100
+
+
+def test_countdown_variant_rejects_bad_settings():
+    with pytest.raises(ValueError, match="countdown=0: must be in 1..100"):
+        LongRange(countdown=0)
+    with pytest.raises(ValueError, match="block=0"):
+        LongRange(countdown=2, block=0)
+    with pytest.raises(ValueError, match="countdown=5 x block=4 = 20 tokens <= layers x window = 4 x 8"):
+        LongRange(countdown=5).check_difficulty(layers=4, window=8)
+    LongRange(countdown=10).check_difficulty(layers=4, window=8)

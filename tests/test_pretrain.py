@@ -4,15 +4,16 @@ evictions."""
 
 import json
 
+import pytest
 import torch
 
 from pte.cache import BoundedCache, window_visibility
 from pte.lab.mechanism import worked_rows
 from pte.models import load
-from pte.lab.pretrain import SHIPPED_BASE, PretrainConfig, pretrain, task_accuracy
+from pte.lab.pretrain import SHIPPED_BASE, PretrainConfig, pretrain, recipe_task, task_accuracy
 from pte.replay import replay
 from pte.rollout import CacheSpec, Decoder, left_pad
-from pte.tasks.long_range import LongRange
+from pte.tasks.long_range import LongRange, tokenizer
 
 
 def test_shipped_base_solves_the_task_with_a_full_cache_and_fails_under_the_window():
@@ -76,3 +77,22 @@ def test_window_visibility_mask_equals_decoding_through_the_bounded_cache():
     assert (torch.cat(seq, 1) - parallel).abs().max() < 1e-4
     full = model(input_ids=ids).logits[:, P - 1:]
     assert (full - parallel).abs().max() > 1e-2  # the mask did hide something
+
+
+def test_pretrain_of_the_distance_variant_draws_a_count_per_step_and_records_it(tmp_path):
+    logs = []
+    out = pretrain(PretrainConfig(out=str(tmp_path / "base"), hidden=32, layers=1, heads=2, steps=3, batch=4,
+                                  eval_problems=4, countdown="2-5"), log=logs.append)
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert sorted(recipe["full_cache_accuracy"]) == ["2", "3", "5"]  # shortest, middle, longest count
+    assert "--set countdown=2-5" in recipe["command"]
+    task = recipe_task(out)
+    assert (task.countdown, task.block) == (2, 4)
+    model, tok = load(str(out))
+    assert model.config.vocab_size == len(tok) == len(tokenizer(countdown=True))
+    e = task.examples(1, seed=0)[0]
+    assert tok.decode(tok(e.prompt)["input_ids"]) == e.prompt and e.prompt.endswith("#01 =")
+    with pytest.raises(ValueError, match="countdown='5-2': need 1 <= LO <= HI <= 100"):
+        PretrainConfig(countdown="5-2").validate()
+    with pytest.raises(ValueError, match="expected LO-HI"):
+        PretrainConfig(countdown="ten").validate()

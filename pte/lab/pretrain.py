@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from pte.cache import window_visibility
 from pte.models import tiny_model
-from pte.tasks.long_range import LongRange, tokenizer
+from pte.tasks.long_range import MAX_COUNTDOWN, LongRange, tokenizer
 
 SHIPPED_BASE = Path(__file__).resolve().parents[1] / "assets" / "long_range_base"
 
@@ -50,10 +51,34 @@ class PretrainConfig:
     window: int = 8
     evict_fraction: float = 0.25
     init: str | None = None  # continue from this base model directory instead of a random init
+    # the distance variant (pte.tasks.long_range, Fig. 5): "LO-HI" counted filler blocks, one count drawn per step
+    # (a batch shares it, so its rows keep one length); replaces filler
+    countdown: str | None = None
+    block: int = 4
 
     def validate(self) -> None:
         if not 0 <= self.window_fraction <= 1:
             raise ValueError(f"window_fraction={self.window_fraction}: must lie in [0, 1]")
+        self.countdown_range()
+
+    def countdown_range(self) -> tuple[int, int] | None:
+        if self.countdown is None:
+            return None
+        try:
+            lo, hi = (int(x) for x in str(self.countdown).split("-"))
+        except ValueError:
+            raise ValueError(f"countdown={self.countdown!r}: expected LO-HI, e.g. countdown=1-80") from None
+        if not 1 <= lo <= hi <= MAX_COUNTDOWN:
+            raise ValueError(f"countdown={self.countdown!r}: need 1 <= LO <= HI <= {MAX_COUNTDOWN}")
+        return lo, hi
+
+    def task(self, countdown: int | None = None) -> LongRange:
+        return LongRange(hops=self.hops, filler=self.filler, countdown=countdown, block=self.block)
+
+    def eval_tasks(self) -> list[LongRange]:
+        """The plain task, or the distance variant at the shortest, middle and longest count trained on."""
+        span = self.countdown_range()
+        return [self.task()] if span is None else [self.task(c) for c in sorted({span[0], sum(span) // 2, span[1]})]
 
 
 def encode(tok, task: LongRange, examples) -> tuple[torch.Tensor, int]:
@@ -68,8 +93,9 @@ def encode(tok, task: LongRange, examples) -> tuple[torch.Tensor, int]:
 def pretrain(cfg: PretrainConfig, log=print) -> Path:
     cfg.validate()
     torch.manual_seed(cfg.seed)
-    tok = tokenizer()
-    task = LongRange(hops=cfg.hops, filler=cfg.filler)
+    span = cfg.countdown_range()
+    tok = tokenizer(countdown=span is not None)
+    counts = random.Random(cfg.seed)  # the distance variant's count per step
     if cfg.init:
         from pte.models import load
 
@@ -83,6 +109,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
     start = time.perf_counter()
     for step in range(cfg.steps):
         # training problems: seeds 1..steps (+ the run seed); evaluation uses a seed no step reaches
+        task = cfg.task(None if span is None else counts.randint(*span))
         ids, q = encode(tok, task, task.examples(cfg.batch, seed=1 + step + cfg.seed * 1_000_003))
         inputs = ids[:, :-1]
         if n_windowed:
@@ -104,18 +131,24 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
                 f"({time.perf_counter() - start:.0f}s)")
     seconds = time.perf_counter() - start
     model.eval()
-    acc = task_accuracy(model, tok, task, cfg.eval_problems, seed=EVAL_SEED, window=None)
-    log(f"held-out greedy accuracy, full cache: {acc:.3f} ({cfg.eval_problems} problems)")
-    window_acc = task_accuracy(model, tok, task, cfg.eval_problems, seed=EVAL_SEED, window=cfg.window) if n_windowed \
-        else None
-    if window_acc is not None:
-        log(f"held-out greedy accuracy, window {cfg.window}: {window_acc:.3f}")
-    recipe = {"config": asdict(cfg), "train_seconds": round(seconds, 1), "full_cache_accuracy": acc,
-              "window_accuracy": window_acc,
+    accs, window_accs = {}, {}
+    for task in cfg.eval_tasks():
+        where = "" if task.countdown is None else f", countdown {task.countdown}"
+        accs[task.countdown] = task_accuracy(model, tok, task, cfg.eval_problems, seed=EVAL_SEED, window=None)
+        log(f"held-out greedy accuracy, full cache{where}: {accs[task.countdown]:.3f} ({cfg.eval_problems} problems)")
+        if n_windowed:
+            window_accs[task.countdown] = task_accuracy(model, tok, task, cfg.eval_problems, seed=EVAL_SEED,
+                                                        window=cfg.window)
+            log(f"held-out greedy accuracy, window {cfg.window}{where}: {window_accs[task.countdown]:.3f}")
+    plain = span is None  # one number each; the distance variant's by count
+    recipe = {"config": asdict(cfg), "train_seconds": round(seconds, 1),
+              "full_cache_accuracy": accs[None] if plain else accs,
+              "window_accuracy": (window_accs[None] if plain else window_accs) if n_windowed else None,
               "command": f"pte pretrain-task --out {cfg.out} --steps {cfg.steps} --seed {cfg.seed}"
                          + (f" --lr {cfg.lr}" if cfg.lr != PretrainConfig.lr else "")
                          + (f" --window-fraction {cfg.window_fraction} --window {cfg.window}" if n_windowed else "")
-                         + (f" --init {cfg.init}" if cfg.init else ""),
+                         + (f" --init {cfg.init}" if cfg.init else "")
+                         + (f" --set countdown={cfg.countdown} --set block={cfg.block}" if span else ""),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     if cfg.init and (Path(cfg.init) / "recipe.json").exists():
         recipe["init_recipe"] = json.loads((Path(cfg.init) / "recipe.json").read_text())  # how the start was made
@@ -126,12 +159,15 @@ EVAL_SEED = 10_000_019  # held-out problems (training seeds are 1..steps)
 
 
 def recipe_task(base: str | Path) -> LongRange:
-    """The task a base model was pre-trained on (its ``recipe.json``), so later stages use the same filler."""
+    """The task a base model was pre-trained on (its ``recipe.json``), so later stages use the same filler; for the
+    distance variant, at the shortest count it was trained on."""
     recipe = Path(base) / "recipe.json"
     if not recipe.exists():
         return LongRange()
     cfg = json.loads(recipe.read_text())["config"]
-    return LongRange(**{k: cfg[k] for k in ("hops", "filler") if k in cfg})
+    known = {k: cfg[k] for k in ("hops", "filler", "block") if k in cfg}
+    span = PretrainConfig(countdown=cfg.get("countdown")).countdown_range()
+    return LongRange(**known, countdown=None if span is None else span[0])
 
 
 def save(model, tok, recipe: dict, out: Path) -> Path:
