@@ -13,6 +13,7 @@ Init std 0.1 rather than transformers' 0.02: at width 128 the smaller init left 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -52,7 +53,8 @@ class PretrainConfig:
     evict_fraction: float = 0.25
     init: str | None = None  # continue from this base model directory instead of a random init
     # the distance variant (pte.tasks.long_range, Fig. 5): "LO-HI" counted filler blocks, one count drawn per step
-    # (a batch shares it, so its rows keep one length); replaces filler
+    # (a batch shares it, so its rows keep one length), log-uniformly, so short counts, where RL trains, are drawn
+    # often and the long ones still seen at a fraction of a uniform draw's cost; replaces filler
     countdown: str | None = None
     block: int = 4
 
@@ -105,11 +107,13 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
                            kv_heads=cfg.heads, seed=cfg.seed, max_positions=1024, init_std=cfg.init_std).train()
     n_windowed = round(cfg.batch * cfg.window_fraction)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    # torch's OneCycleLR divides by zero when pct_start * total_steps == 1 (steps=10 at 0.1)
+    pct_start = 0.1 if abs(0.1 * cfg.steps - 1) > 1e-9 else 0.15
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=pct_start)
     start = time.perf_counter()
     for step in range(cfg.steps):
         # training problems: seeds 1..steps (+ the run seed); evaluation uses a seed no step reaches
-        task = cfg.task(None if span is None else counts.randint(*span))
+        task = cfg.task(None if span is None else round(math.exp(counts.uniform(*map(math.log, span)))))
         ids, q = encode(tok, task, task.examples(cfg.batch, seed=1 + step + cfg.seed * 1_000_003))
         inputs = ids[:, :-1]
         if n_windowed:
