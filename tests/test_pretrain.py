@@ -96,3 +96,18 @@ def test_pretrain_of_the_distance_variant_draws_a_count_per_step_and_records_it(
         PretrainConfig(countdown="5-2").validate()
     with pytest.raises(ValueError, match="expected LO-HI"):
         PretrainConfig(countdown="ten").validate()
+
+
+def test_a_plain_base_extended_to_the_distance_variant_keeps_every_old_logit():
+    from pte.lab.pretrain import extend_vocabulary
+
+    model, tok = load(str(SHIPPED_BASE), dtype="float32")
+    ids = torch.tensor([tok("9>6 4>2 start 4 = 2 0 a0 ....")["input_ids"]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        extend_vocabulary(model, len(tokenizer(countdown=True)))
+        after = model(input_ids=ids).logits
+    assert after.shape[-1] == before.shape[-1] + 100
+    assert torch.equal(after[..., :before.shape[-1]], before)
+    with pytest.raises(ValueError, match="fewer than the model's"):
+        extend_vocabulary(model, 10)

@@ -101,7 +101,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
     if cfg.init:
         from pte.models import load
 
-        model = load(cfg.init, dtype="float32")[0].train()
+        model = extend_vocabulary(load(cfg.init, dtype="float32")[0], len(tok)).train()
     else:
         model = tiny_model("llama", vocab_size=len(tok), hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
                            kv_heads=cfg.heads, seed=cfg.seed, max_positions=1024, init_std=cfg.init_std).train()
@@ -157,6 +157,17 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
     if cfg.init and (Path(cfg.init) / "recipe.json").exists():
         recipe["init_recipe"] = json.loads((Path(cfg.init) / "recipe.json").read_text())  # how the start was made
     return save(model, tok, recipe, Path(cfg.out))
+
+
+def extend_vocabulary(model, vocab_size: int):
+    """Grow the embedding and output rows to ``vocab_size`` (e.g. a plain base continued on the distance variant,
+    whose counters come after every other id), so every existing token keeps its embedding and logit."""
+    if vocab_size < model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab_size} tokens, fewer than the model's {model.config.vocab_size}: "
+                         "continue from a base model trained with the same task variant")
+    if vocab_size > model.config.vocab_size:
+        model.resize_token_embeddings(vocab_size, mean_resizing=True)
+    return model
 
 
 EVAL_SEED = 10_000_019  # held-out problems (training seeds are 1..steps)
