@@ -554,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the embedded demo")
     d.add_argument("--quick", action="store_true", help="a short version (used by the tests)")
     d.add_argument("--out", default="outputs/demo")
-    _add_set(d, "DemoConfig", "steps=50", "; over --quick's settings with --quick")
+    _add_set(d, "DemoConfig", "pte_seeds=[0,1,2,3,4]", "; over --quick's settings with --quick")
     d.set_defaults(func=_demo)
 
     v = sub.add_parser("eval", parents=[decoding], help="accuracy (pass@1 with 95%% CI, pass@k) under a bounded KV cache, swept over sizes",

@@ -82,22 +82,32 @@ def test_console_script_runs(saved_model):
 
 
 def test_demo_quick_runs_end_to_end(capsys, tmp_path):
-    """The README's main command in its short form: exactness, GRPO for three methods, evaluation, the table."""
+    """The README's main command in its short form: exactness, GRPO from the shipped recipes (PTE on two seeds),
+    evaluation, the table with the mean over PTE's seeds."""
     import json as _json
 
-    from pte.lab.demo import demo
+    from pte.lab.demo import DemoConfig, demo
 
     assert demo(quick=True, out=str(tmp_path)) == 0
     out = capsys.readouterr().out
-    assert "max |logit - masked full forward|" in out and "| pte | window 8 |" in out
-    assert "lora 2/2 reward" in out and "pte 2/2 reward" in out  # the progress display's last line
+    assert "max |logit - masked full forward|" in out and "| pte-s1 | window 8 |" in out
+    assert "lora-s0 2/2" in out and "pte-s1 2/2" in out  # the progress display's last line
     result = _json.loads((tmp_path / "demo.json").read_text())
-    assert set(result["eval"]) == {"base", "lora", "lora_c", "pte"}
-    assert [s["window"] for s in result["eval"]["pte"]] == [None, 8]
-    assert result["train_last_step"]["lora"]["window"] is None and result["train_last_step"]["pte"]["window"] == 8
+    runs = {"lora-s0", "lora_c-s0", "pte-s0", "pte-s1"}
+    assert set(result["eval"]) == {"base"} | runs and set(result["train_last_step"]) == runs
+    assert [s["window"] for s in result["eval"]["pte-s0"]] == [None, 8]
+    assert result["train_last_step"]["lora-s0"]["window"] is None and result["train_last_step"]["pte-s1"]["window"] == 8
+    mean_w8 = (result["eval"]["pte-s0"][1]["pass1"] + result["eval"]["pte-s1"][1]["pass1"]) / 2
+    mean_row = next(line for line in out.splitlines() if line.startswith("| **pte: mean of 2 seeds**"))
+    assert mean_row.split("|")[4].strip() == f"**{100 * mean_w8:.1f}**"
     assert (tmp_path / "compare" / "accuracy.png").stat().st_size > 0
-    for method in ("lora", "lora_c", "pte"):
-        assert len((tmp_path / f"train-{method}" / "metrics.jsonl").read_text().splitlines()) == 2
+    for run in runs:
+        assert len((tmp_path / f"train-{run}" / "metrics.jsonl").read_text().splitlines()) == 2
+        assert _json.loads((tmp_path / f"train-{run}" / "config.json").read_text())["run"]["seed"] == int(run[-1])
+    # the shipped recipe, shortened by the quick preset's --set items only
+    config = _json.loads((tmp_path / "train-pte-s0" / "config.json").read_text())
+    assert config["grpo"]["dynamic_sampling"] and config["grpo"]["num_iterations"] == 2
+    assert config["run"]["steps"] == 2 and DemoConfig.quick().train[0] == "run.steps=2"
 
 
 def test_generate_with_adapter_runs_the_trained_policy(saved_model, capsys, tmp_path):
@@ -193,12 +203,12 @@ def test_lab_commands_load_their_config_with_flags_then_set(capsys):
                                                   "--problems", "7", "--variants", "pte,lora_c", "--set", "lr=0.01"]))
     assert (cfg.rank, cfg.n_global, cfg.truncate, cfg.base, cfg.eval_problems, cfg.variants, cfg.lr) == \
         (4, 4, False, "m", 7, ["pte", "lora_c"], 0.01)
-    cfg = _command_config(DemoConfig, parse(["demo", "--set", "steps=50"]))
-    assert cfg == DemoConfig(steps=50)
+    cfg = _command_config(DemoConfig, parse(["demo", "--set", "pte_seeds=[3, 4]"]))
+    assert cfg == DemoConfig(pte_seeds=(3, 4))
     cfg = _command_config(DemoConfig, parse(["demo", "--quick", "--set", "eval_windows=[null, 4]"]),
                           preset=DemoConfig.quick())
-    assert cfg.eval_windows == (None, 4) and cfg.steps == DemoConfig.quick().steps
+    assert cfg.eval_windows == (None, 4) and cfg.train == DemoConfig.quick().train
     assert main(["check-mechanism", "--set", "stepz=1"]) == 2
     assert "unknown config key 'stepz'" in capsys.readouterr().err
-    assert main(["demo", "--set", "steps=many"]) == 2
-    assert "steps='many': expected an integer" in capsys.readouterr().err
+    assert main(["demo", "--set", "eval_problems=many"]) == 2
+    assert "eval_problems='many': expected an integer" in capsys.readouterr().err

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from helpers import PROMPTS, Recorder, cached_teacher_forced, masked_full_forward
+from helpers import PROMPTS, Recorder, assert_grads_match, cached_teacher_forced, masked_full_forward
 from pte.adapter import AdapterConfig, attach, export_peft, load
 from pte.cache import BoundedCache, sliding_eviction_steps
 from pte.models import tiny_model
@@ -139,8 +139,7 @@ def test_short_rollout_replay_gradients_equal_one_full_backward(method):
     (-(w * logp).sum()).backward()
     adapter.clear_state()
     ref = grads(adapter)
-    for k in ref:
-        assert torch.allclose(got[k], ref[k], atol=1e-5, rtol=1e-4), k
+    assert_grads_match(got, ref)
     assert any(ref[k].abs().max() > 0 for k in ref if "encoders" in k) or method != "pte"
 
 
@@ -160,8 +159,7 @@ def test_lora_c_untruncated_replay_equals_masked_full_backward():
     logp = (logits.float() / 0.9).log_softmax(-1).gather(-1, torch.tensor(comp)[..., None])[..., 0]
     (-(w * logp).sum()).backward()
     ref = grads(adapter)
-    for k in ref:
-        assert torch.allclose(got[k], ref[k], atol=1e-5, rtol=1e-4), k
+    assert_grads_match(got, ref)
     # the truncated default drops cross-segment paths: it is a different (cheaper) gradient
     zero_grads(adapter)
     replay(model, res.rows, CacheSpec(window=window), adapter=adapter, temperature=0.9, loss_fn=weights_loss(w))
@@ -260,8 +258,7 @@ def test_history_state_grad_equals_the_untruncated_gradient(attention, ablation)
     # every encoder (those of layers 0..L-2 feed only A = 0 linears: zero in both) and the last layer's linears;
     # earlier linears' A still get gradient through the keys/values they would change, which truncation cuts
     compared = [k for k in got["untruncated"] if k.startswith(("encoders.", *post))]
-    for k in compared:
-        assert torch.allclose(got["history"][k], got["untruncated"][k], atol=1e-5, rtol=1e-4), k
+    assert_grads_match({k: got["history"][k] for k in compared}, {k: got["untruncated"][k] for k in compared})
     assert max((got["segment"][k] - got["untruncated"][k]).abs().max() for k in enc) > 1e-3
 
 

@@ -4,9 +4,11 @@
    evicted thought tokens, at their original positions (the invariant the public re-implementation breaks).
 2. The shipped base model (``pte/assets/long_range_base``, built by ``pte pretrain-task``) on held-out long-range
    problems: full cache versus sliding windows.
-3. GRPO, same steps and prompts for each method: LoRA with a full cache, LoRA_c and PTE under the demo's window.
-4. Every model at every window on the same held-out problems (greedy, 95% Wilson intervals), the training and
-   rollout memory of the last step, and tokens/s; a table (``demo.md``), ``demo.json`` and ``accuracy.png``.
+3. GRPO with the shipped recipes, ``configs/long_range_{lora,lora_c,pte}.yaml`` (docs/seed_study.md): LoRA with a
+   full cache, LoRA_c and PTE under the recipe's window; PTE on several seeds, to show the spread.
+4. Every run at every window on the same held-out problems (greedy, 95% Wilson intervals), the mean over PTE's
+   seeds, the training and rollout memory of the last step, and tokens/s; a table (``demo.md``), ``demo.json``
+   and ``accuracy.png``.
 
 No download: the base model ships with pte and is rebuilt only if missing. Settings and why: docs/design.md, "The
 demo"; its numbers: docs/results.md, "The demo".
@@ -48,28 +50,48 @@ def _exactness(model, window: int, T: int) -> tuple[float, int]:
     return float((got - ref[:, P - 1:]).abs().max()), cache.evictions
 
 
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the training recipes (docs/seed_study.md)
+
+
 @dataclass
 class DemoConfig:
-    window: int = 8  # filler 40 > 4 layers x 8: the window cannot relay the answer (LongRange.check_difficulty)
+    """What the demo runs; the training recipe itself is ``configs/long_range_{method}.yaml``, the one that
+    docs/seed_study.md chose, so the demo and the seed study train the same way."""
+
     eval_windows: tuple[int | None, ...] = (None, 16, 8, 4)  # None: full cache
-    evict_fraction: float = 0.25
-    steps: int = 100
-    prompts_per_step: int = 16
-    group_size: int = 8
-    num_iterations: int = 2  # two clipped passes per batch (the sweep behind it: docs/log.md, "Sweeps")
-    rank: int = 8
-    lr: float = 3e-3  # higher collapsed PTE's reward (docs/log.md, "Sweeps")
-    schedule: str = "constant"
-    # the GRPO details docs/results.md's demo table was made with (pte's defaults changed since: TrainConfig.grpo)
-    pi_old: str = "rollout"
-    skip_empty_steps: bool = False
+    pte_seeds: tuple[int, ...] = (0, 1, 2)  # PTE's spread over seeds; LoRA and LoRA_c train on the first
+    train: tuple[str, ...] = ()  # `pte train --set` items for every run, over the recipe's
     workers: int = 2  # training processes at once, one thread each (1: one after the other, in this process)
     eval_problems: int = 200
-    seed: int = 0
 
     @classmethod
     def quick(cls) -> "DemoConfig":
-        return cls(eval_windows=(None, 8), steps=2, prompts_per_step=2, group_size=4, eval_problems=20)
+        return cls(eval_windows=(None, 8), pte_seeds=(0, 1), eval_problems=20,
+                   train=("run.steps=2", "grpo.prompts_per_step=2", "grpo.group_size=4", "optim.warmup_steps=0",
+                          "grpo.max_sampling_rounds=1"))
+
+    def runs(self) -> list[tuple[str, int]]:
+        """(method, seed) of every training run, the costliest first: a full-cache step replays almost nothing,
+        and the thought state's updates cost more still."""
+        order = sorted(METHODS, key=lambda m: (METHODS[m].bounded_cache, METHODS[m].stateful), reverse=True)
+        return [(m, s) for m in order for s in (self.pte_seeds if METHODS[m].stateful else self.pte_seeds[:1])]
+
+
+def run_name(method: str, seed: int) -> str:
+    return f"{method}-s{seed}"
+
+
+def recipe(base: Path, method: str, seed: int, cfg: DemoConfig, out: Path, threads: int):
+    """The :class:`pte.config.TrainConfig` of one run: the method's config file, this base model, seed and run
+    directory, then ``cfg.train``."""
+    from pte.config import TrainConfig, load_dataclass
+
+    path = CONFIGS / f"long_range_{method}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the demo trains from the recipes in configs/ of a pte checkout; run it "
+                                "from a clone (pip install -e .)")
+    run = {"seed": seed, "out_dir": str(out / f"train-{run_name(method, seed)}"), "threads": threads}
+    return load_dataclass(TrainConfig, str(path), list(cfg.train), values={"model": {"name": str(base)}, "run": run})
 
 
 EVAL_SEED = 30_000_001  # held-out: training draws its problems with seed run.seed (0), pre-training 1..steps
@@ -94,72 +116,55 @@ def base_model_dir(log) -> Path:
 CALIBRATION = dict(steps=60, lr=1e-3, window_fraction=0.5, window=8)
 
 
-def train_method(base: Path, method: str, window: int | None, cfg: DemoConfig, out: Path, max_new: int,
-                 threads: int | None = None, progress: bool = True) -> dict:
-    from pte.config import TrainConfig
-    from pte.lab.pretrain import recipe_task
+def train_method(base: Path, method: str, seed: int, cfg: DemoConfig, out: Path, threads: int | None = None,
+                 progress: bool = True) -> dict:
     from pte.train import train
 
-    tc = TrainConfig()
-    tc.model.name = str(base)
-    task = recipe_task(base)
-    tc.data.task, tc.data.task_options = "long_range", {"hops": task.hops, "filler": task.filler}
-    tc.adapter.method, tc.adapter.rank, tc.adapter.n_global = method, cfg.rank, cfg.rank
-    tc.cache.window, tc.cache.evict_fraction = window, cfg.evict_fraction
-    tc.sampling.max_new_tokens, tc.sampling.temperature = max_new, 1.0
-    tc.grpo.group_size, tc.grpo.prompts_per_step = cfg.group_size, cfg.prompts_per_step
-    tc.grpo.num_iterations, tc.grpo.pi_old, tc.grpo.skip_empty_steps = cfg.num_iterations, cfg.pi_old, cfg.skip_empty_steps
-    tc.grpo.kl_metric_every = 0
-    tc.optim.lr, tc.optim.schedule = cfg.lr, cfg.schedule
-    tc.run.steps, tc.run.out_dir, tc.run.seed = cfg.steps, str(out / f"train-{method}"), cfg.seed
-    tc.run.save_every, tc.run.threads = cfg.steps, threads or torch.get_num_threads()
+    tc = recipe(base, method, seed, cfg, out, threads or torch.get_num_threads())
     start = time.perf_counter()
     last = train(tc, progress=progress)
     last["train_seconds"] = time.perf_counter() - start
     return last
 
 
-def train_all(base: Path, cfg: DemoConfig, out: Path, max_new: int, log) -> dict:
-    """GRPO for every method. A tiny model's step is bound by per-op overhead, not arithmetic, so a second thread
-    buys nothing and a second process does: with ``cfg.workers > 1`` the methods train in that many processes at
-    once, one thread each, the costliest first (with 2 workers on 2 cores PTE keeps one core while LoRA_c and then
-    LoRA share the other; the timings: docs/design.md, "The demo"). The main process shows their progress from their
-    metrics files. Each run is seeded and single-threaded, so its result does not depend on how many run at once."""
-    jobs = [(m, cfg.window if method.bounded_cache else None) for m, method in METHODS.items()]
-    for m, _ in jobs:  # metrics.jsonl appends, and the progress display reads it: a rerun starts clean
-        shutil.rmtree(out / f"train-{m}", ignore_errors=True)
+def train_all(base: Path, cfg: DemoConfig, out: Path, log) -> dict:
+    """GRPO for every run of :meth:`DemoConfig.runs`, keyed by :func:`run_name`. A tiny model's step is bound by
+    per-op overhead, not arithmetic, so a second thread buys nothing and a second process does: with
+    ``cfg.workers > 1`` the runs train in that many processes at once, one thread each, the costliest first. The
+    main process shows their progress from their metrics files. Each run is seeded and single-threaded, so its
+    result does not depend on how many run at once."""
+    runs = cfg.runs()
+    for m, s in runs:  # metrics.jsonl appends, and the progress display reads it: a rerun starts clean
+        shutil.rmtree(out / f"train-{run_name(m, s)}", ignore_errors=True)
     if cfg.workers <= 1:
-        return {m: train_method(base, m, w, cfg, out, max_new) for m, w in jobs}
+        return {run_name(m, s): train_method(base, m, s, cfg, out) for m, s in runs}
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    progress = _Progress([m for m, _ in jobs], cfg.steps, out, log)
-    # a full-cache step replays almost nothing; the thought state's updates cost more still
-    costliest_first = sorted(jobs, key=lambda job: (METHODS[job[0]].bounded_cache, METHODS[job[0]].stateful),
-                             reverse=True)
+    progress = _Progress({run_name(m, s): recipe(base, m, s, cfg, out, 1).run.steps for m, s in runs}, out, log)
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {m: pool.submit(train_method, base, m, w, cfg, out, max_new, 1, False) for m, w in costliest_first}
+        futures = {run_name(m, s): pool.submit(train_method, base, m, s, cfg, out, 1, False) for m, s in runs}
         while not all(f.done() for f in futures.values()):
             time.sleep(2)
             progress.update()
-        results = {m: futures[m].result() for m, _ in jobs}  # a worker's exception is raised here
+        results = {name: f.result() for name, f in futures.items()}  # a worker's exception is raised here
     progress.close()
     return results
 
 
 class _Progress:
-    """Steps done per method, read from each run's metrics.jsonl: one tqdm bar per method on a terminal, else a
-    line every 30 s (logs stay readable)."""
+    """Steps done per run, read from each run's metrics.jsonl: one tqdm bar per run on a terminal, else a line
+    every 30 s (logs stay readable). ``steps``: each run's name and its number of steps."""
 
-    def __init__(self, methods: list[str], steps: int, out: Path, log):
-        self.files = {m: out / f"train-{m}" / "metrics.jsonl" for m in methods}
+    def __init__(self, steps: dict[str, int], out: Path, log):
+        self.files = {m: out / f"train-{m}" / "metrics.jsonl" for m in steps}
         self.steps, self.log, self.last_line = steps, log, time.perf_counter()
         self.bars = None
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bars = {m: tqdm(total=steps, desc=f"   {m:7s}", unit="step", position=i, file=sys.stderr)
-                         for i, m in enumerate(methods)}
+            self.bars = {m: tqdm(total=n, desc=f"   {m:9s}", unit="step", position=i, file=sys.stderr)
+                         for i, (m, n) in enumerate(steps.items())}
 
     def _done(self, m: str) -> tuple[int, float | None]:
         try:
@@ -173,11 +178,12 @@ class _Progress:
         if self.bars is not None:
             for m, (n, reward) in done.items():
                 if n > self.bars[m].n:
-                    self.bars[m].set_postfix(reward=f"{reward:.2f}")
+                    if reward is not None:
+                        self.bars[m].set_postfix(reward=f"{reward:.2f}")
                     self.bars[m].update(n - self.bars[m].n)
         elif final or time.perf_counter() - self.last_line >= 30:
             self.last_line = time.perf_counter()
-            self.log("   " + " | ".join(f"{m} {n}/{self.steps}" + ("" if r is None else f" reward {r:.2f}")
+            self.log("   " + " | ".join(f"{m} {n}/{self.steps[m]}" + ("" if r is None else f" reward {r:.2f}")
                                      for m, (n, r) in done.items()))
 
     def close(self) -> None:
@@ -215,43 +221,51 @@ def demo(quick: bool = False, out: str | None = None, cfg: DemoConfig | None = N
     base = base_model_dir(log)
     model, tok = load(str(base), dtype="float32")
     task = recipe_task(base)
-    task.check_difficulty(model.config.num_hidden_layers, cfg.window)
+    pte_recipe = recipe(base, "pte", cfg.pte_seeds[0], cfg, out_dir, 1)
+    window, evict_fraction = pte_recipe.cache.window, pte_recipe.cache.evict_fraction
+    if pte_recipe.data.task_options != {"hops": task.hops, "filler": task.filler}:
+        raise ValueError(f"configs/long_range_pte.yaml trains on {pte_recipe.data.task_options}, but the base model "
+                         f"{base} was trained on hops {task.hops}, filler {task.filler}; make them agree")
+    task.check_difficulty(model.config.num_hidden_layers, window)
     examples = task.examples(cfg.eval_problems, seed=EVAL_SEED)
-    max_new = len(tok(task.solution(examples[0]))["input_ids"]) + 4
-    sampling = Sampling(max_new_tokens=max_new, temperature=0, eos_token_ids=(tok.eos_token_id,))
+    sampling = Sampling(max_new_tokens=pte_recipe.sampling.max_new_tokens, temperature=0,
+                        eos_token_ids=(tok.eos_token_id,))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"2. base model {base} ({n_params / 1e6:.2f}M parameters; task: {task.hops} hops, filler {task.filler}, "
         f"answer {task.thought_tokens_before_answer()} tokens after it is written)")
 
     def eval_all(name: str, adapter=None) -> list[EvalResult]:
-        results = [evaluate(model, tok, examples, task.score, spec=CacheSpec(window=w, evict_fraction=cfg.evict_fraction),
-                            sampling=sampling, batch_size=100, adapter=adapter, progress=False, seed=cfg.seed)
+        results = [evaluate(model, tok, examples, task.score, spec=CacheSpec(window=w, evict_fraction=evict_fraction),
+                            sampling=sampling, batch_size=100, adapter=adapter, progress=False, seed=0)
                    for w in cfg.eval_windows]
         write_run(out_dir / f"eval-{name}", results, {"model": str(base), "method": name, "benchmark": "long_range",
                                                        "seed": EVAL_SEED})
-        log(f"   {name:7s} " + "  ".join(f"{r.summary.label}: {100 * r.summary.pass1:5.1f}%" for r in results))
+        log(f"   {name:9s} " + "  ".join(f"{r.summary.label}: {100 * r.summary.pass1:5.1f}%" for r in results))
         return results
 
     evals = {"base": eval_all("base")}
-    log(f"3. GRPO, {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.group_size} samples, "
-        f"{cfg.num_iterations} passes per batch, rank {cfg.rank}, "
-        f"lr {cfg.lr} ({cfg.schedule}), window {cfg.window} for LoRA_c and PTE, full cache for LoRA"
-        + (f"; {cfg.workers} training processes at once, one thread each" if cfg.workers > 1 else ""))
-    trained = train_all(base, cfg, out_dir, max_new, log)
-    for method, m in trained.items():
-        log(f"   {method}: last-step reward {m['reward']:.2f}, {m['train_seconds']:.0f}s")
+    g, o = pte_recipe.grpo, pte_recipe.optim
+    log(f"3. GRPO from configs/long_range_{{lora,lora_c,pte}}.yaml: {pte_recipe.run.steps} steps x {g.prompts_per_step} "
+        f"prompts x {g.group_size} samples, {g.num_iterations} passes per batch, lr {o.lr} ({o.schedule}), window "
+        f"{window} for LoRA_c and PTE, full cache for LoRA; PTE on seeds {list(cfg.pte_seeds)}, LoRA and LoRA_c "
+        f"on seed {cfg.pte_seeds[0]}" + (f"; {cfg.workers} training processes at once, one thread each"
+                                         if cfg.workers > 1 else ""))
+    trained = train_all(base, cfg, out_dir, log)
+    for name, m in trained.items():
+        reward = "none (no group drawn had a signal)" if m["reward"] is None else f"{m['reward']:.2f}"
+        log(f"   {name}: last-step reward {reward}, {m['train_seconds']:.0f}s")
     log(f"4. evaluation on {cfg.eval_problems} held-out problems (greedy)")
-    for method in METHODS:
-        adapter = load_adapter(model, latest_checkpoint(out_dir / f"train-{method}"))
+    for name in trained:
+        adapter = load_adapter(model, latest_checkpoint(out_dir / f"train-{name}"))
         try:
-            evals[method] = eval_all(method, adapter)
+            evals[name] = eval_all(name, adapter)
         finally:
             adapter.detach()
     compare([str(out_dir / f"eval-{m}") for m in evals], out_dir / "compare")
-    table = results_table(evals, trained, cfg)
+    table = results_table(evals, trained, window)
     (out_dir / "demo.md").write_text(table)
     (out_dir / "demo.json").write_text(json.dumps({
-        "config": asdict(cfg), "base": str(base),
+        "config": asdict(cfg), "base": str(base), "recipe": {m: str(CONFIGS / f"long_range_{m}.yaml") for m in METHODS},
         "eval": {m: [asdict(r.summary) for r in rs] for m, rs in evals.items()},
         "train_last_step": trained, "seconds": time.perf_counter() - t_start}, indent=1, default=str))
     log("\n" + table)
@@ -259,17 +273,30 @@ def demo(quick: bool = False, out: str | None = None, cfg: DemoConfig | None = N
     return 0 if err < 1e-3 else 1
 
 
-def results_table(evals: dict, trained: dict, cfg: DemoConfig) -> str:
+def _mib(n: int | None) -> str:
+    """A peak in MiB; "—" where the last step measured none (no run, or a step skipped for want of a signal)."""
+    return "—" if n is None else f"{n / 2**20:.1f}"
+
+
+def results_table(evals: dict, trained: dict, window: int) -> str:
+    """One row per run (accuracy with its 95% interval at each window, tokens/s, memory), then per method with
+    more than one seed the mean over its seeds."""
     labels = [r.summary.label for r in next(iter(evals.values()))]
-    head = ["method", "trained with"] + [f"acc. {lb} % (95% CI)" for lb in labels] + \
-        ["rollout tok/s (w%d)" % cfg.window, "train peak MiB (replay)", "rollout peak MiB"]
+    head = ["run", "trained with"] + [f"acc. {lb} % (95% CI)" for lb in labels] + \
+        ["rollout tok/s (w%d)" % window, "train peak MiB (replay)", "rollout peak MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, results in evals.items():
-        t = trained.get(method)
+    for name, results in evals.items():
+        t = trained.get(name)
         how = "—" if t is None else ("full cache" if t["window"] is None else f"window {t['window']}")
         accs = [f"{100 * r.summary.pass1:.1f} ({100 * r.summary.ci_low:.0f}–{100 * r.summary.ci_high:.0f})"
                 for r in results]
-        at_window = next((r.summary.tokens_per_s for r in results if r.summary.window == cfg.window), float("nan"))
-        mem = ["—", "—"] if t is None else [f"{t['peak_bytes_replay'] / 2**20:.1f}", f"{t['peak_bytes_rollout'] / 2**20:.1f}"]
-        lines.append("| " + " | ".join([method, how] + accs + [f"{at_window:.0f}"] + mem) + " |")
+        at_window = next((r.summary.tokens_per_s for r in results if r.summary.window == window), float("nan"))
+        mem = [_mib(None if t is None else t.get(k)) for k in ("peak_bytes_replay", "peak_bytes_rollout")]
+        lines.append("| " + " | ".join([name, how] + accs + [f"{at_window:.0f}"] + mem) + " |")
+    for method in METHODS:
+        seeds = [rs for name, rs in evals.items() if name.rsplit("-s", 1)[0] == method]
+        if len(seeds) > 1:
+            means = [sum(rs[i].summary.pass1 for rs in seeds) / len(seeds) for i in range(len(labels))]
+            lines.append("| " + " | ".join([f"**{method}: mean of {len(seeds)} seeds**", ""] +
+                                           [f"**{100 * m:.1f}**" for m in means] + ["", "", ""]) + " |")
     return "\n".join(lines) + "\n"
