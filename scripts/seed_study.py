@@ -26,7 +26,7 @@ import json
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,18 +107,26 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(m, v, int(s)) for m in args.methods.split(",") for v in variants for s in args.seeds.split(",")]
     results = out / "results.jsonl"
+    rows, failed = [], []
     with ThreadPoolExecutor(args.workers) as pool:
-        futures = [pool.submit(run_one, m, s, out, args.set, args.window, args.limit, v) for m, v, s in jobs]
-        rows = []
-        for f in futures:
-            row = f.result()
+        futures = {pool.submit(run_one, m, s, out, args.set, args.window, args.limit, v): (m, v, s) for m, v, s in jobs}
+        for f in as_completed(futures):  # each run's line is written as it ends; one failure stops no other run
+            m, v, s = futures[f]
+            try:
+                row = f.result()
+            except subprocess.CalledProcessError as err:
+                name = m if v is None else f"{m}-{v}"
+                failed.append(f"{name}-s{s}: `{' '.join(err.cmd[2:4])}` exited {err.returncode}; see {out}/{name}-s{s}.log")
+                print(failed[-1], file=sys.stderr, flush=True)
+                continue
             rows.append(row)
             with results.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
-    (out / "table.md").write_text(table(rows))
-    print(table(rows))
-    return 0
+    if rows:
+        (out / "table.md").write_text(table(rows))
+        print(table(rows))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
