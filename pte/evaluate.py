@@ -499,6 +499,7 @@ def compare(dirs: list[str], out: str | Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     title = "comparison: " + ", ".join(lines)
     text = write_tables(out, entries, title)
-    plot_accuracy(out / "accuracy.png", lines, title)
+    # the legend names every run, so a title too long for the figure's width shortens to a count
+    plot_accuracy(out / "accuracy.png", lines, title if len(title) <= 80 else f"comparison of {len(lines)} runs")
     return text
 
