@@ -7,7 +7,10 @@ Each (method, seed) is exactly the two README commands, run as subprocesses:
 
     pte train --config configs/long_range_{method}.yaml --set run.seed=S --set run.out_dir=OUT/{method}-s{S}
     pte eval --model pte/assets/long_range_base --adapter OUT/{method}-s{S}/checkpoint-000100 \
-        --benchmark long_range --seed 30000001 --limit 200 --cache-window 8 --temperature 0 --max-new-tokens 66 --out OUT/{method}-s{S}/eval
+        --benchmark long_range --seed 30000001 --limit 200 --cache-window 8 --temperature 0 --max-new-tokens 66 \
+        --batch-size 200 --out OUT/{method}-s{S}/eval
+
+(Greedy decoding under the bounded cache does not depend on the batch: docs/ablations.md.)
 
 The ablations of the paper's Fig. 4c and of the state read run the same way, as named variants of PTE's recipe
 (:data:`VARIANTS`, each a set of config overrides):
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -61,9 +65,13 @@ def run_one(method: str, seed: int, out: Path, overrides: list[str], window: int
     max_new = json.loads((run_dir / "config.json").read_text())["sampling"]["max_new_tokens"]
     ev = [sys.executable, "-m", "pte", "eval", "--model", str(ROOT / "pte/assets/long_range_base"), "--adapter",
           str(ckpt), "--benchmark", "long_range", "--seed", str(EVAL_SEED), "--limit", str(limit), "--cache-window",
-          str(window), "--temperature", "0", "--max-new-tokens", str(max_new), "--out", str(run_dir / "eval")]
+          str(window), "--temperature", "0", "--max-new-tokens", str(max_new), "--batch-size", str(limit),
+          "--out", str(run_dir / "eval")]
     t1 = time.perf_counter()
-    subprocess.run(ev, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    # one thread, as the training runs: a default-threaded eval beside another run oversubscribes the cores
+    # (docs/log.md, 2026-12-07)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(ev, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())["runs"][0]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rewards = [m["reward"] for m in metrics if m.get("reward") is not None]
