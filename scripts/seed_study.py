@@ -3,7 +3,7 @@
     python scripts/seed_study.py --methods pte,lora_c --seeds 0,1,2,3,4 --out runs/seed_study [--workers 2]
         [--set grpo.dynamic_sampling=false ...]
 
-Each (method, seed) is exactly the two README commands, run as subprocesses:
+Each (method, seed) is exactly the two README commands, run as subprocesses (the eval with OMP_NUM_THREADS=1):
 
     pte train --config configs/long_range_{method}.yaml --set run.seed=S --set run.out_dir=OUT/{method}-s{S}
     pte eval --model pte/assets/long_range_base --adapter OUT/{method}-s{S}/checkpoint-000100 \
