@@ -64,7 +64,7 @@ def latest(path: Path) -> Path:
 
 
 def save(run_dir: Path, step: int, cfg: TrainConfig, adapter: Adapter, optimizer, gen: torch.Generator,
-         data_position: int, dist: Dist, run_id: str | None = None) -> Path:
+         data_position: int, dist: Dist, run_id: str | None = None, signal_rate: float | None = None) -> Path:
     """Write ``checkpoint-{step}`` atomically: every rank writes its RNG states into a temporary directory,
     rank 0 adds the adapter, optimizer and state, and renames it at the end."""
     from safetensors.torch import save_file
@@ -91,7 +91,7 @@ def save(run_dir: Path, step: int, cfg: TrainConfig, adapter: Adapter, optimizer
                    for k, v in st.items()}
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         state = {
-            "step": step, "data_position": data_position, "threads": torch.get_num_threads(), "world_size": dist.world,
+            "step": step, "data_position": data_position, "signal_rate": signal_rate, "threads": torch.get_num_threads(), "world_size": dist.world,
             "param_groups": opt["param_groups"], "param_names": [n for n, _ in adapter.named_parameters()],
             "config": to_dict(cfg), "code_version": code_version(), "run_id": run_id,
         }

@@ -97,6 +97,9 @@ class GRPOConfig:
     # max_sampling_rounds draws a step; a step then trains on at most prompts_per_step groups
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
+    # sample several draws in one rollout, as many as the last step's signal rate says are needed (within
+    # max_sampling_rounds): fewer, larger rollouts, the same kept prompts; rollout memory grows with the draws
+    adaptive_draws: bool = False
     mask_truncated: bool = False  # completions cut by sampling.max_new_tokens are left out of the loss (TRL's option)
     skip_empty_steps: bool = True  # no optimizer step when no row of any rank has a signal (Adam moves on zeros)
     # replay (and the KL reference) this many rows at a time, gradients accumulated: exactly one batch's update, with
@@ -180,6 +183,8 @@ class TrainConfig:
              "statistics); set grpo.state_grad: segment"),
             (self.grpo.pi_old in ("replay", "rollout"), "grpo.pi_old", "choose replay or rollout"),
             (self.grpo.max_sampling_rounds >= 1, "grpo.max_sampling_rounds", "must be >= 1"),
+            (self.grpo.dynamic_sampling or not self.grpo.adaptive_draws, "grpo.adaptive_draws",
+             "sizes dynamic sampling's refills; set grpo.dynamic_sampling: true, or drop adaptive_draws"),
             (self.grpo.micro_batch_rows is None or self.grpo.micro_batch_rows >= 1, "grpo.micro_batch_rows",
              "must be >= 1, or null for every row at once"),
             (self.grpo.kl_metric_every >= 0, "grpo.kl_metric_every", "must be >= 0 (0: never)"),

@@ -172,15 +172,21 @@ class _NoMeter:
 class PromptStream:
     """The training prompts in order. A draw gives each rank ``n`` prompts: rank r's i-th is the example at global
     position ``position + r * n + i``; every rank draws the same number of times, so one saved position resumes
-    them all."""
+    them all. ``signal_rate`` (the last step's share of drawn groups that carried a signal, over all ranks) is
+    saved with the position: ``grpo.adaptive_draws`` sizes its rollouts by it."""
 
-    def __init__(self, examples: list[Example], n: int, seed: int, dist: Dist, position: int = 0):
+    def __init__(self, examples: list[Example], n: int, seed: int, dist: Dist, position: int = 0,
+                 signal_rate: float | None = None):
         self.examples, self.n, self.seed, self.dist, self.position = examples, n, seed, dist, position
+        self.signal_rate = signal_rate
 
-    def draw(self) -> list[Example]:
-        batch = [example_at(self.examples, self.position + self.dist.rank * self.n + i, self.seed)
-                 for i in range(self.n)]
-        self.position += self.n * self.dist.world
+    def draw(self, times: int = 1) -> list[Example]:
+        """``times`` consecutive draws, concatenated: the same prompts as ``times`` calls."""
+        batch = []
+        for _ in range(times):
+            batch += [example_at(self.examples, self.position + self.dist.rank * self.n + i, self.seed)
+                      for i in range(self.n)]
+            self.position += self.n * self.dist.world
         return batch
 
 
@@ -198,15 +204,35 @@ class Trajectory:
     stats: dict = field(default_factory=dict)
 
 
+def draws_wanted(run: Run, rate: float | None, need: int, left: int) -> int:
+    """How many draws the next rollout samples at once. One, unless ``grpo.adaptive_draws``: then as many as the
+    signal ``rate`` (share of drawn groups with a signal) says will yield ``need`` more such groups, within the
+    ``left`` draws of the step's budget (all of them at rate 0). Every rank samples as many as the neediest."""
+    if not run.cfg.grpo.adaptive_draws or rate is None:
+        return 1
+    n = left if rate <= 0 else min(left, max(1, math.ceil(need / (rate * run.cfg.grpo.prompts_per_step))))
+    return int(max(run.dist.gather_floats(float(n))))
+
+
+def _signal_rate(run: Run, signal: int, drawn: int) -> float:
+    counts = run.dist.sum(torch.tensor([signal, drawn], dtype=torch.float64))
+    return float(counts[0] / counts[1])
+
+
 def sample_groups(run: Run, prompts: PromptStream, meter=_NoMeter) -> tuple[list[RolloutRow], torch.Tensor, CacheSpec, dict]:
     """Step 1's sampling: ``group_size`` completions of each drawn prompt under the cache policy, scored ->
     rows, rewards [groups, G]. With ``grpo.dynamic_sampling`` groups whose rewards do not spread are dropped and
-    fresh prompts drawn, at most ``max_sampling_rounds`` draws (every rank draws as often as the neediest)."""
+    fresh prompts drawn, at most ``max_sampling_rounds`` draws (every rank draws as often as the neediest); the
+    first ``prompts_per_step`` groups with a signal, in draw order, are kept. ``grpo.adaptive_draws`` sizes the
+    first rollout by the last step's signal rate and each refill by this step's so far; it changes how many prompts
+    are drawn, never which groups are kept."""
     cfg, G, P = run.cfg, run.cfg.grpo.group_size, run.cfg.grpo.prompts_per_step
     rows, rewards, spec, drawn, rounds, seconds, tokens, total = [], [], None, 0, 0, 0.0, 0, 0.0
+    rollouts, signal, rate = 0, 0, prompts.signal_rate
     with meter() as mem:
         while True:
-            batch = prompts.draw()
+            times = draws_wanted(run, rate, P - len(rewards), cfg.grpo.max_sampling_rounds - rounds)
+            batch = prompts.draw(times)
             prompt_ids = [render_prompt(run.tok, ex.prompt, cfg.data.template) for ex in batch]
             check_positions(run.model, max(map(len, prompt_ids)), cfg.sampling.max_new_tokens, "sampling.max_new_tokens")
             if spec is None:  # "auto": the longest question of the first draw; later draws keep it (one replay)
@@ -223,15 +249,20 @@ def sample_groups(run: Run, prompts: PromptStream, meter=_NoMeter) -> tuple[list
             scores = scores.view(-1, G)
             total += float(scores.sum())
             keep = spread(scores) if cfg.grpo.dynamic_sampling else torch.ones(len(batch), dtype=torch.bool)
+            signal += int(keep.sum())
             for g in keep.nonzero().view(-1).tolist()[: P - len(rewards)]:
                 rows += res.rows[g * G:(g + 1) * G]
                 rewards.append(scores[g])
-            drawn, rounds = drawn + len(batch), rounds + 1
+            drawn, rounds, rollouts = drawn + len(batch), rounds + times, rollouts + 1
             seconds, tokens = seconds + res.seconds, tokens + res.generated_tokens
             more = cfg.grpo.dynamic_sampling and len(rewards) < P and rounds < cfg.grpo.max_sampling_rounds
             if not run.dist.any(more):
                 break
-    stats = {"sampled_groups": drawn, "kept_groups": len(rewards), "sampling_rounds": rounds,
+            if cfg.grpo.adaptive_draws:
+                rate = _signal_rate(run, signal, drawn)
+    if cfg.grpo.adaptive_draws:
+        prompts.signal_rate = _signal_rate(run, signal, drawn)
+    stats = {"sampled_groups": drawn, "kept_groups": len(rewards), "sampling_rounds": rounds, "rollouts": rollouts,
              "reward_sampled": total / (drawn * G),  # over every drawn group; "reward" is over the kept ones
              "rollout_tokens_per_s": tokens / max(seconds, 1e-9), "peak_bytes_rollout": mem.peak}
     empty = torch.zeros(0, G, device=run.device)
@@ -371,15 +402,15 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
 
 def _train(cfg: TrainConfig, run: Run, run_dir: checkpoint.RunDir, ckpt: Path | None, progress: bool) -> dict:
     dist, out = run.dist, run_dir.path
-    start, position = 0, 0
+    start, position, rate = 0, 0, None
     if ckpt is not None:
         state = checkpoint.restore(ckpt, run.adapter, run.optimizer, run.gen, dist)
-        start, position = state["step"], state["data_position"]
+        start, position, rate = state["step"], state["data_position"], state.get("signal_rate")
     if dist.rank == 0:
         run_dir.truncate_metrics(start)
         (out / "config.json").write_text(json.dumps(to_dict(cfg) | {"code_version": checkpoint.code_version(),
                                                                      "world_size": dist.world}, indent=1))
-    prompts = PromptStream(run.examples, cfg.grpo.prompts_per_step, cfg.run.seed, dist, position)
+    prompts = PromptStream(run.examples, cfg.grpo.prompts_per_step, cfg.run.seed, dist, position, rate)
     log, last = RunLog(out, cfg.run.steps, start, enabled=dist.rank == 0, progress=progress), {}
     try:
         with StopSignals() as stop:
@@ -398,7 +429,7 @@ def _train(cfg: TrainConfig, run: Run, run_dir: checkpoint.RunDir, ckpt: Path | 
                 stopping = dist.any(stop.signum is not None)
                 if (step + 1) % cfg.run.save_every == 0 or step + 1 == cfg.run.steps or stopping:
                     saved = checkpoint.save(out, step + 1, cfg, run.adapter, run.optimizer, run.gen, prompts.position,
-                                            dist, run_dir.run_id)
+                                            dist, run_dir.run_id, signal_rate=prompts.signal_rate)
                 if stopping and step + 1 < cfg.run.steps:
                     raise Preempted(stop.signum or signal.SIGTERM, saved)
     finally:

@@ -72,6 +72,42 @@ def test_dynamic_sampling_stops_after_its_rounds():
     assert stats["skipped_step"]
 
 
+class PositionSignal:
+    """A rewarder whose groups (of 4) spread exactly at the chosen stream positions, whatever was sampled."""
+
+    def __init__(self, positions):
+        self.positions, self.seen = set(positions), 0
+
+    def __call__(self, texts, examples):
+        first = self.seen
+        self.seen += len(examples) // 4
+        return [float(first + i // 4 in self.positions and i % 4 == 0) for i in range(len(examples))]
+
+    def failures(self):
+        return {}
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("rate, rollouts", [(None, 3), (0.0, 1), (0.25, 1), (0.5, 2), (1.0, 3)])
+def test_adaptive_draws_keep_the_groups_one_draw_per_rollout_keeps(rate, rollouts):
+    """Of 8 drawn prompts (4 draws of 2) those at stream positions 1 and 6 carry a signal. One draw per rollout
+    needs 4 rollouts to find both; adaptive draws size each rollout by the signal rate (the last step's, then this
+    step's) and keep the same two groups in the same order."""
+    for adaptive in (False, True):
+        run, prompts = _run(["grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=4",
+                             f"grpo.adaptive_draws={str(adaptive).lower()}"])
+        order = [tuple(run.tok(ex.prompt)["input_ids"]) for ex in prompts.draw(4)]
+        prompts.position, prompts.signal_rate = 0, rate
+        run.rewarder = PositionSignal([1, 6])
+        traj = collect(run, prompts)
+        assert [tuple(r.prompt_ids) for r in traj.rows[::4]] == [order[1], order[6]]
+        assert traj.stats["sampling_rounds"] == 4 and traj.stats["sampled_groups"] == 8
+        assert traj.stats["rollouts"] == (rollouts if adaptive else 4)
+        assert prompts.signal_rate == (0.25 if adaptive else rate)
+
+
 def test_truncated_rows_contribute_no_gradient():
     """mask_truncated: the gradient equals a replay of the rows that stopped on their own, normalised by their
     tokens only."""

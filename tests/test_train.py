@@ -171,19 +171,24 @@ def _adapter_tensors(ckpt):
     return load_file(str(ckpt / "adapter.safetensors"))
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    """Also: memory is measured only on the steps due, and measuring it changes nothing."""
-    args = TINY + ["run.memory_every=3"]
+@pytest.mark.parametrize("sampling", [[], ["grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=3",
+                                            "grpo.adaptive_draws=true"]], ids=["plain", "adaptive_draws"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, sampling):
+    """Also: memory is measured only on the steps due, and measuring it changes nothing; adaptive draws resume with
+    the saved signal rate."""
+    args = TINY + ["run.memory_every=3"] + sampling
     full = tmp_path / "full"
     train(load_config(None, args + [f"run.out_dir={full}"]), progress=False)
     part = tmp_path / "part"
-    train(load_config(None, args + [f"run.out_dir={part}", "run.steps=2"]), progress=False)
+    stop = 3 if sampling else 2  # adaptive: step 3 sets the rate that step 4's draws depend on
+    train(load_config(None, args + [f"run.out_dir={part}", f"run.steps={stop}"]), progress=False)
     train(load_config(None, args + [f"run.out_dir={part}"]), resume=str(part), progress=False)
     a, b = _adapter_tensors(full / "checkpoint-000004"), _adapter_tensors(part / "checkpoint-000004")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log_full = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
     log_part = [json.loads(l) for l in (part / "metrics.jsonl").read_text().splitlines()]
     assert [l["reward"] for l in log_full] == [l["reward"] for l in log_part]
+    assert [l["rollouts"] for l in log_full] == [l["rollouts"] for l in log_part]
     assert [l["peak_bytes_replay"] is not None for l in log_full] == [True, False, True, True]
     assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000004"]
     events = list((full / "tensorboard").glob("events.out.tfevents.*"))
