@@ -91,7 +91,8 @@ def save(run_dir: Path, step: int, cfg: TrainConfig, adapter: Adapter, optimizer
                    for k, v in st.items()}
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         state = {
-            "step": step, "data_position": data_position, "signal_rate": signal_rate, "threads": torch.get_num_threads(), "world_size": dist.world,
+            "step": step, "data_position": data_position, "signal_rate": signal_rate,
+            "threads": torch.get_num_threads(), "world_size": dist.world,
             "param_groups": opt["param_groups"], "param_names": [n for n, _ in adapter.named_parameters()],
             "config": to_dict(cfg), "code_version": code_version(), "run_id": run_id,
         }

@@ -255,13 +255,12 @@ def sample_groups(run: Run, prompts: PromptStream, meter=_NoMeter) -> tuple[list
                 rewards.append(scores[g])
             drawn, rounds, rollouts = drawn + len(batch), rounds + times, rollouts + 1
             seconds, tokens = seconds + res.seconds, tokens + res.generated_tokens
+            if cfg.grpo.adaptive_draws:  # sizes the next refill, then the next step's first rollout
+                rate = _signal_rate(run, signal, drawn)
             more = cfg.grpo.dynamic_sampling and len(rewards) < P and rounds < cfg.grpo.max_sampling_rounds
             if not run.dist.any(more):
                 break
-            if cfg.grpo.adaptive_draws:
-                rate = _signal_rate(run, signal, drawn)
-    if cfg.grpo.adaptive_draws:
-        prompts.signal_rate = _signal_rate(run, signal, drawn)
+    prompts.signal_rate = rate
     stats = {"sampled_groups": drawn, "kept_groups": len(rewards), "sampling_rounds": rounds, "rollouts": rollouts,
              "reward_sampled": total / (drawn * G),  # over every drawn group; "reward" is over the kept ones
              "rollout_tokens_per_s": tokens / max(seconds, 1e-9), "peak_bytes_rollout": mem.peak}
