@@ -3,6 +3,7 @@ pre-training recipe saves a loadable model; the mechanism check feeds worked sol
 evictions."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -111,3 +112,15 @@ def test_a_plain_base_extended_to_the_distance_variant_keeps_every_old_logit():
     assert torch.equal(after[..., :before.shape[-1]], before)
     with pytest.raises(ValueError, match="fewer than the model's"):
         extend_vocabulary(model, 10)
+
+
+def test_count_draws_cover_the_span_with_the_chosen_weights():
+    rng = random.Random(0)
+    uniform = [PretrainConfig(countdown="1-5", count_draw="uniform").draw_count(rng) for _ in range(5000)]
+    log_uniform = [PretrainConfig(countdown="1-5").draw_count(rng) for _ in range(5000)]
+    assert set(uniform) == set(log_uniform) == {1, 2, 3, 4, 5}
+    assert all(abs(uniform.count(c) / 5000 - 0.2) < 0.03 for c in range(1, 6))
+    assert log_uniform.count(5) / 5000 < 0.1 < 0.2 < log_uniform.count(1) / 5000  # short counts favoured
+    assert PretrainConfig().draw_count(rng) is None
+    with pytest.raises(ValueError, match="count_draw='even': choose one of log-uniform, uniform"):
+        PretrainConfig(countdown="1-5", count_draw="even").validate()

@@ -28,6 +28,7 @@ from pte.cache import window_visibility
 from pte.models import tiny_model
 from pte.tasks.long_range import MAX_COUNTDOWN, LongRange, tokenizer
 
+COUNT_DRAWS = ("log-uniform", "uniform")
 SHIPPED_BASE = Path(__file__).resolve().parents[1] / "assets" / "long_range_base"
 
 
@@ -57,11 +58,25 @@ class PretrainConfig:
     # often and the long ones still seen at a fraction of a uniform draw's cost; replaces filler
     countdown: str | None = None
     block: int = 4
+    # "uniform" instead: every count as often, so a count is not learnt as its own fact (a log-uniform draw from 1-5
+    # left the rare 5 starting its countdown at the wrong counter: docs/ablations.md, "Reasoning length")
+    count_draw: str = "log-uniform"
 
     def validate(self) -> None:
         if not 0 <= self.window_fraction <= 1:
             raise ValueError(f"window_fraction={self.window_fraction}: must lie in [0, 1]")
+        if self.count_draw not in COUNT_DRAWS:
+            raise ValueError(f"count_draw={self.count_draw!r}: choose one of {', '.join(COUNT_DRAWS)}")
         self.countdown_range()
+
+    def draw_count(self, rng: random.Random) -> int | None:
+        """The distance variant's count for one step (None for the plain task)."""
+        span = self.countdown_range()
+        if span is None:
+            return None
+        if self.count_draw == "uniform":
+            return rng.randint(*span)
+        return round(math.exp(rng.uniform(*map(math.log, span))))
 
     def countdown_range(self) -> tuple[int, int] | None:
         if self.countdown is None:
@@ -113,7 +128,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
     start = time.perf_counter()
     for step in range(cfg.steps):
         # training problems: seeds 1..steps (+ the run seed); evaluation uses a seed no step reaches
-        task = cfg.task(None if span is None else round(math.exp(counts.uniform(*map(math.log, span)))))
+        task = cfg.task(cfg.draw_count(counts))
         ids, q = encode(tok, task, task.examples(cfg.batch, seed=1 + step + cfg.seed * 1_000_003))
         inputs = ids[:, :-1]
         if n_windowed:
@@ -149,10 +164,12 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
               "full_cache_accuracy": accs[None] if plain else accs,
               "window_accuracy": (window_accs[None] if plain else window_accs) if n_windowed else None,
               "command": f"pte pretrain-task --out {cfg.out} --steps {cfg.steps} --seed {cfg.seed}"
+                         + (f" --batch {cfg.batch}" if cfg.batch != PretrainConfig.batch else "")
                          + (f" --lr {cfg.lr}" if cfg.lr != PretrainConfig.lr else "")
                          + (f" --window-fraction {cfg.window_fraction} --window {cfg.window}" if n_windowed else "")
                          + (f" --init {cfg.init}" if cfg.init else "")
-                         + (f" --set countdown={cfg.countdown} --set block={cfg.block}" if span else ""),
+                         + (f" --set countdown={cfg.countdown} --set block={cfg.block}" if span else "")
+                         + (f" --set count_draw={cfg.count_draw}" if cfg.count_draw != PretrainConfig.count_draw else ""),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     if cfg.init and (Path(cfg.init) / "recipe.json").exists():
         recipe["init_recipe"] = json.loads((Path(cfg.init) / "recipe.json").read_text())  # how the start was made
