@@ -67,7 +67,7 @@ def test_countdown_variant_counts_blocks_and_verifies_the_whole_countdown():
     tok = tokenizer(countdown=True)
     for e in task.examples(20, seed=4):
         solution = task.solution(e)
-        assert e.prompt.endswith(" #02 =") and task.filler_text == "#02...#01...#00..."
+        assert e.prompt.endswith(" #03 =") and task.filler_text == "#02...#01...#00..."  # the counter before the first
         assert task.score(solution, e) == 1.0
         assert task.score(solution[:-1] + str((int(e.answer) + 1) % 10), e) == 0.0
         assert task.score(solution.replace("#01...", ""), e) == 0.0  # a skipped block does not score
@@ -85,10 +85,16 @@ def test_countdown_variant_counts_blocks_and_verifies_the_whole_countdown():
 
 
 def test_countdown_variant_rejects_bad_settings():
-    with pytest.raises(ValueError, match="countdown=0: must be in 1..100"):
+    with pytest.raises(ValueError, match="countdown=0: must be in 1..99"):
         LongRange(countdown=0)
     with pytest.raises(ValueError, match="block=0"):
         LongRange(countdown=2, block=0)
     with pytest.raises(ValueError, match="countdown=5 x block=4 = 20 tokens <= layers x window = 4 x 8"):
         LongRange(countdown=5).check_difficulty(layers=4, window=8)
     LongRange(countdown=10).check_difficulty(layers=4, window=8)
+
+
+def test_countdown_variant_accepts_up_to_the_counter_the_question_needs():
+    LongRange(countdown=99).examples(1, seed=0)  # names #99
+    with pytest.raises(ValueError, match="countdown=100: must be in 1..99"):
+        LongRange(countdown=100)

@@ -92,8 +92,8 @@ def test_pretrain_of_the_distance_variant_draws_a_count_per_step_and_records_it(
     model, tok = load(str(out))
     assert model.config.vocab_size == len(tok) == len(tokenizer(countdown=True))
     e = task.examples(1, seed=0)[0]
-    assert tok.decode(tok(e.prompt)["input_ids"]) == e.prompt and e.prompt.endswith("#01 =")
-    with pytest.raises(ValueError, match="countdown='5-2': need 1 <= LO <= HI <= 100"):
+    assert tok.decode(tok(e.prompt)["input_ids"]) == e.prompt and e.prompt.endswith("#02 =")
+    with pytest.raises(ValueError, match="countdown='5-2': need 1 <= LO <= HI <= 99"):
         PretrainConfig(countdown="5-2").validate()
     with pytest.raises(ValueError, match="expected LO-HI"):
         PretrainConfig(countdown="ten").validate()

@@ -23,9 +23,10 @@ stretch of at least ``filler`` characters (otherwise RL finds the shortcut of sk
 
 **The distance variant** (``countdown=N``, for generation-length scaling as in the paper's Fig. 5): the filler is
 a countdown of ``N`` blocks, each a counter token then dots (``#02... #01... #00...``, :data:`COUNTERS`), and the
-question names the first counter (``... start 4 #02 =``). Each block's counter is the previous one minus one, a
-lookup the window always sees, so a model can write a filler of any length it was pre-trained on without
-counting beyond its window; the distance between ``aD`` and its use is set by the question alone. The verifier
+question names the counter before the first (``... start 4 #03 =``). Each block's counter is the last counter
+written minus one, the prompt's included: one lookup the window always sees, so a model can write a filler of any
+length it was pre-trained on without counting beyond its window. (When the question named the first counter
+itself, the base learnt the decrement but not the copy: docs/ablations.md, "Reasoning length".) the distance between ``aD`` and its use is set by the question alone. The verifier
 then asks for the whole countdown, exactly, before ``ans D``. It needs :func:`tokenizer` with ``countdown=True``.
 """
 
@@ -40,7 +41,7 @@ from pte.data import Example
 _ANS = re.compile(r"ans (\d)")
 POINTERS = tuple(f"{a}>{b}" for a in range(10) for b in range(10))
 COUNTERS = tuple(f"#{c:02d}" for c in range(100))  # the distance variant's countdown
-MAX_COUNTDOWN = len(COUNTERS)
+MAX_COUNTDOWN = len(COUNTERS) - 1  # the question names the counter before the first
 
 
 def tokenizer(countdown: bool = False):
@@ -66,7 +67,7 @@ class LongRange:
         if self.filler < 0:
             raise ValueError(f"filler={self.filler}: must be >= 0")
         if self.countdown is not None and not 1 <= self.countdown <= MAX_COUNTDOWN:
-            raise ValueError(f"countdown={self.countdown}: must be in 1..{MAX_COUNTDOWN} (one counter token per block)")
+            raise ValueError(f"countdown={self.countdown}: must be in 1..{MAX_COUNTDOWN} (one counter token per block, and one for the question)")
         if self.block < 1:
             raise ValueError(f"block={self.block}: must be >= 1 (the counter token itself)")
 
@@ -92,7 +93,7 @@ class LongRange:
             rng.shuffle(listed)
             start = rng.randrange(10)
             digits = self.follow(successor, start)
-            counter = "" if self.countdown is None else f" {COUNTERS[self.countdown - 1]}"
+            counter = "" if self.countdown is None else f" {COUNTERS[self.countdown]}"
             question = " ".join(f"{a}>{successor[a]}" for a in listed) + f" start {start}{counter} ="
             out.append(Example(prompt=question, answer=str(digits[-1]), source=f"long_range(seed={seed})#{i}",
                                meta={"start": start, "successor": successor, "digits": digits}))
