@@ -1,9 +1,11 @@
 """Generation-length scaling at a fixed window (the paper's Fig. 5), on the long-range task's distance variant.
 
-    python scripts/length_scaling.py --base DIR --methods pte,lora_c,lora --seeds 0,1,2 --train-countdown 10 \
-        --eval-countdowns 10,20,40,80 --out runs/length_scaling [--workers 2]
+    python scripts/length_scaling.py --methods pte,lora_c,lora --seeds 0,1,2 --out runs/length_scaling \
+        [--base DIR] [--train-countdown 9] [--eval-countdowns 9,18,36,72] [--workers 2]
 
-``DIR`` is a base model pretrained on the distance variant (``pte pretrain-task --set countdown=LO-HI``). Each
+``DIR`` is a base model pretrained on the distance variant (``pte pretrain-task --set countdown=LO-HI``); the
+default, ``pte/assets/long_range_countdown_base``, solves it with a full cache up to a countdown of ~75
+(docs/ablations.md, "Reasoning length"). Each
 (method, seed) trains the long-range recipe (``configs/long_range_{method}.yaml``) on that base at countdown
 ``--train-countdown``, then evaluates the last checkpoint greedily at the training window on every countdown of
 ``--eval-countdowns``: more thought tokens, so more evictions, between the restated result and its use. The base
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -44,6 +47,23 @@ def max_new_tokens(countdown: int) -> int:
     return len(tokenizer(countdown=True)(task.solution(task.examples(1, seed=0)[0]))["input_ids"]) + 4
 
 
+def diagnose(eval_dir: Path, countdown: int) -> dict:
+    """What each completion got right, apart: the answer digit (the memory: the last ``ans D``) and the first
+    counter (the format: ``#{countdown - 1}``, the question's counter minus one). The verifier needs both."""
+    rows = [json.loads(line) for p in sorted(eval_dir.glob("predictions-*.jsonl")) for line in p.open()]
+    first = [re.search(r"#(\d\d)", r["completion"]) for r in rows]
+    answer = [re.findall(r"ans (\d)", r["completion"]) for r in rows]
+    return {"answer_digit": sum(bool(a) and a[-1] == r["answer"] for a, r in zip(answer, rows)) / len(rows),
+            "first_counter": sum(bool(m) and int(m.group(1)) == countdown - 1 for m in first) / len(rows),
+            "evictions": sum(r["evictions"] for r in rows) / len(rows)}
+
+
+def eval_dir(out: Path, method: str, seed: int | None, countdown: int, window: int | None) -> Path:
+    if seed is None:
+        return out / f"base-w{window or 'full'}-c{countdown}"
+    return out / f"{method}-s{seed}" / f"eval-c{countdown}"
+
+
 def evaluate(base: Path, adapter: Path | None, countdown: int, window: int | None, limit: int, out: Path,
              log) -> dict:
     cmd = [sys.executable, "-m", "pte", "eval", "--model", str(base), "--benchmark", "long_range",
@@ -56,7 +76,7 @@ def evaluate(base: Path, adapter: Path | None, countdown: int, window: int | Non
     subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV)
     s = json.loads((out / "summary.json").read_text())["runs"][0]
     return {"countdown": countdown, "window": window, "accuracy": s["pass1"], "ci": [s["ci_low"], s["ci_high"]],
-            "eval_seconds": round(time.perf_counter() - t0, 1)}
+            "eval_seconds": round(time.perf_counter() - t0, 1), **diagnose(out, countdown)}
 
 
 def run_method(method: str, seed: int, args) -> list[dict]:
@@ -75,7 +95,7 @@ def run_method(method: str, seed: int, args) -> list[dict]:
 
     ckpt = latest(run_dir)
     return [{"method": method, "seed": seed, "train_seconds": train_s, "checkpoint": str(ckpt),
-             **evaluate(base, ckpt, c, args.window, args.limit, run_dir / f"eval-c{c}", log)}
+             **evaluate(base, ckpt, c, args.window, args.limit, eval_dir(out, method, seed, c, args.window), log)}
             for c in args.eval_countdowns]
 
 
@@ -83,7 +103,7 @@ def run_base(args) -> list[dict]:
     base, out = Path(args.base).resolve(), Path(args.out)
     log = (out / "base.log").open("w")
     return [{"method": "base" if w else "base, full cache", "seed": None,
-             **evaluate(base, None, c, w, args.limit, out / f"base-w{w or 'full'}-c{c}", log)}
+             **evaluate(base, None, c, w, args.limit, eval_dir(out, "base", None, c, w), log)}
             for c in args.eval_countdowns for w in (args.window, None)]
 
 
@@ -106,6 +126,12 @@ def table(rows: list[dict], counts: list[int], train_countdown: int) -> str:
             means.append(f"{100 * sum(accs) / len(accs):.1f}% (min {100 * min(accs):.1f}%)" if accs else "—")
         n = sum(1 for mm, s in by_run if mm == m and s is not None)
         lines.append(f"| {m} | mean of {n} | " + " | ".join(means) + " | |")
+    lines += ["", "Apart (answer digit right / first counter right), the verifier needing both:", "",
+              f"| method | seed | {head} |", "|---|---|" + "---|" * len(counts)]
+    for (m, s), cs in sorted(by_run.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1])):
+        lines.append(f"| {m} | {'—' if s is None else s} | " + " | ".join(
+            f"{100 * cs[c]['answer_digit']:.1f} / {100 * cs[c]['first_counter']:.1f}" if c in cs and "answer_digit" in cs[c]
+            else "—" for c in counts) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -126,11 +152,12 @@ def plot(rows: list[dict], path: Path, train_countdown: int, window: int) -> Pat
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--base", required=True, help="a base model pretrained on the distance variant")
+    ap.add_argument("--base", default=str(ROOT / "pte/assets/long_range_countdown_base"),
+                    help="a base model pretrained on the distance variant")
     ap.add_argument("--methods", default="pte,lora_c,lora")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--train-countdown", type=int, default=10)
-    ap.add_argument("--eval-countdowns", default="10,20,40,80")
+    ap.add_argument("--train-countdown", type=int, default=9)
+    ap.add_argument("--eval-countdowns", default="9,18,36,72")
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--out", required=True)
@@ -143,6 +170,8 @@ def main() -> int:
     out = Path(args.out)
     if args.replot:
         rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        rows = [{**r, **diagnose(eval_dir(out, r["method"], r["seed"], r["countdown"], r["window"]), r["countdown"])}
+                for r in rows]
         (out / "table.md").write_text(table(rows, args.eval_countdowns, args.train_countdown))
         print(table(rows, args.eval_countdowns, args.train_countdown))
         print(plot(rows, out / "length_scaling.png", args.train_countdown, args.window))

@@ -26,6 +26,16 @@ def test_shipped_base_solves_the_task_with_a_full_cache_and_fails_under_the_wind
     assert task_accuracy(model, tok, task, 100, seed=123_457, window=8) <= 0.5
 
 
+def test_shipped_countdown_base_solves_the_distance_variant_with_a_full_cache_and_fails_under_the_window():
+    base = SHIPPED_BASE.parent / "long_range_countdown_base"
+    model, tok = load(str(base))
+    assert recipe_task(base).countdown == 1 and "count_draw=uniform" in json.loads((base / "recipe.json").read_text())["command"]
+    task = LongRange(hops=6, countdown=9)  # the length scaling's training countdown (docs/ablations.md)
+    task.check_difficulty(model.config.num_hidden_layers, 8)
+    assert task_accuracy(model, tok, task, 50, seed=123_457, window=None) >= 0.9
+    assert task_accuracy(model, tok, task, 50, seed=123_457, window=8) <= 0.5
+
+
 def test_pretrain_writes_a_model_that_loads_with_equal_logits(tmp_path):
     logs = []
     out = pretrain(PretrainConfig(out=str(tmp_path / "base"), hidden=32, layers=1, heads=2, steps=2, batch=4,
