@@ -33,8 +33,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from pte.lab.demo import EVAL_SEED  # the demo's held-out problems
+
 ROOT = Path(__file__).resolve().parents[1]
-EVAL_SEED = 30_000_001  # the demo's held-out problems
 HOPS = 6
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

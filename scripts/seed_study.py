@@ -33,8 +33,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from pte.lab.demo import EVAL_SEED  # the demo's held-out problems
+
 ROOT = Path(__file__).resolve().parents[1]
-EVAL_SEED = 30_000_001  # the demo's held-out problems
 # ablations at rank 8: the number of global tokens (Fig. 4c; "global0" is the paper's #Global-0, a state that is
 # zero until the first eviction), the state without its eviction update (Global-Only), and the state reads
 VARIANTS = {

@@ -54,8 +54,8 @@ class PretrainConfig:
     evict_fraction: float = 0.25
     init: str | None = None  # continue from this base model directory instead of a random init
     # the distance variant (pte.tasks.long_range, Fig. 5): "LO-HI" counted filler blocks, one count drawn per step
-    # (a batch shares it, so its rows keep one length), log-uniformly, so short counts, where RL trains, are drawn
-    # often and the long ones still seen at a fraction of a uniform draw's cost; replaces filler
+    # (a batch shares it, so its rows keep one length); replaces filler. count_draw "log-uniform" draws short
+    # counts, where RL trains, often and the long ones at a fraction of a uniform draw's cost
     countdown: str | None = None
     block: int = 4
     # "uniform" instead: every count as often, so a count is not learnt as its own fact (a log-uniform draw from 1-5

@@ -25,9 +25,10 @@ stretch of at least ``filler`` characters (otherwise RL finds the shortcut of sk
 a countdown of ``N`` blocks, each a counter token then dots (``#02... #01... #00...``, :data:`COUNTERS`), and the
 question names the counter before the first (``... start 4 #03 =``). Each block's counter is the last counter
 written minus one, the prompt's included: one lookup the window always sees, so a model can write a filler of any
-length it was pre-trained on without counting beyond its window. (When the question named the first counter
-itself, the base learnt the decrement but not the copy: docs/ablations.md, "Reasoning length".) the distance between ``aD`` and its use is set by the question alone. The verifier
-then asks for the whole countdown, exactly, before ``ans D``. It needs :func:`tokenizer` with ``countdown=True``.
+length it was pre-trained on without counting beyond its window, and the distance between ``aD`` and its use is
+set by the question alone. (When the question named the first counter itself, the base learnt the decrement but
+not the copy: docs/ablations.md, "Reasoning length".) The verifier asks for the whole countdown, exactly, before
+``ans D``. It needs :func:`tokenizer` with ``countdown=True``.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class LongRange:
         if self.filler < 0:
             raise ValueError(f"filler={self.filler}: must be >= 0")
         if self.countdown is not None and not 1 <= self.countdown <= MAX_COUNTDOWN:
-            raise ValueError(f"countdown={self.countdown}: must be in 1..{MAX_COUNTDOWN} (one counter token per block, and one for the question)")
+            raise ValueError(f"countdown={self.countdown}: must be in 1..{MAX_COUNTDOWN} (one counter token per block, "
+                             "and one for the question)")
         if self.block < 1:
             raise ValueError(f"block={self.block}: must be >= 1 (the counter token itself)")
 
