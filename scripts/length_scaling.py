@@ -24,16 +24,17 @@ to OUT/length_scaling.png. ``--replot`` redraws both from OUT/results.jsonl.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from pte.lab.demo import EVAL_SEED  # the demo's held-out problems
+from pte.lab.jobs import run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 HOPS = 6
@@ -181,23 +182,12 @@ def main() -> int:
 
     LongRange(hops=HOPS, countdown=args.train_countdown).check_difficulty(layers=4, window=args.window)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(m, int(s)) for m in args.methods.split(",") if m for s in args.seeds.split(",")]
-    rows, failed = [], []
-    with ThreadPoolExecutor(args.workers) as pool:
-        futures = {pool.submit(run_method, m, s, args): f"{m}-s{s}" for m, s in jobs}
-        if not args.no_base:
-            futures[pool.submit(run_base, args)] = "base"
-        for f in as_completed(futures):  # each run's lines are written as it ends; one failure stops no other run
-            try:
-                new = f.result()
-            except subprocess.CalledProcessError as err:
-                failed.append(f"{futures[f]}: `{' '.join(err.cmd[2:4])}` exited {err.returncode}; see {out}/{futures[f]}.log")
-                print(failed[-1], file=sys.stderr, flush=True)
-                continue
-            rows += new
-            with (out / "results.jsonl").open("a") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in new)
-            print(table(rows, args.eval_countdowns, args.train_countdown), flush=True)
+    jobs = {f"{m}-s{s}": functools.partial(run_method, m, int(s), args) for m in args.methods.split(",") if m
+            for s in args.seeds.split(",")}
+    if not args.no_base:
+        jobs["base"] = functools.partial(run_base, args)
+    rows, failed = run_jobs(jobs, args.workers, out / "results.jsonl", show=lambda name, new, rows: print(
+        table(rows, args.eval_countdowns, args.train_countdown), flush=True))
     if rows:
         (out / "table.md").write_text(table(rows, args.eval_countdowns, args.train_countdown))
         plot(rows, out / "length_scaling.png", args.train_countdown, args.window)

@@ -25,15 +25,16 @@ a markdown table of every seed and the mean to OUT/table.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from pte.lab.demo import EVAL_SEED  # the demo's held-out problems
+from pte.lab.jobs import run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 # ablations at rank 8: the number of global tokens (Fig. 4c; "global0" is the paper's #Global-0, a state that is
@@ -49,7 +50,7 @@ VARIANTS = {
 
 
 def run_one(method: str, seed: int, out: Path, overrides: list[str], window: int, limit: int,
-            variant: str | None = None) -> dict:
+            variant: str | None = None) -> list[dict]:
     name = method if variant is None else f"{method}-{variant}"
     run_dir = out / f"{name}-s{seed}"
     overrides = [*VARIANTS.get(variant, []), *overrides]
@@ -77,11 +78,11 @@ def run_one(method: str, seed: int, out: Path, overrides: list[str], window: int
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rewards = [m["reward"] for m in metrics if m.get("reward") is not None]
     per10 = [round(sum(rewards[i:i + 10]) / len(rewards[i:i + 10]), 2) for i in range(0, len(rewards), 10)]
-    return {"method": name, "seed": seed, "accuracy": summary["pass1"], "ci": [summary["ci_low"], summary["ci_high"]],
+    return [{"method": name, "seed": seed, "accuracy": summary["pass1"], "ci": [summary["ci_low"], summary["ci_high"]],
             "reward_per_10_steps": per10, "train_seconds": round(train_s, 1),
             "eval_seconds": round(time.perf_counter() - t1, 1), "checkpoint": str(ckpt), "overrides": overrides,
             "skipped_steps": sum(bool(m.get("skipped_step")) for m in metrics),
-            "sampled_groups": sum(m.get("sampled_groups", 0) for m in metrics)}
+            "sampled_groups": sum(m.get("sampled_groups", 0) for m in metrics)}]
 
 
 def table(rows: list[dict]) -> str:
@@ -114,24 +115,11 @@ def main() -> int:
         ap.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(m, v, int(s)) for m in args.methods.split(",") for v in variants for s in args.seeds.split(",")]
-    results = out / "results.jsonl"
-    rows, failed = [], []
-    with ThreadPoolExecutor(args.workers) as pool:
-        futures = {pool.submit(run_one, m, s, out, args.set, args.window, args.limit, v): (m, v, s) for m, v, s in jobs}
-        for f in as_completed(futures):  # each run's line is written as it ends; one failure stops no other run
-            m, v, s = futures[f]
-            try:
-                row = f.result()
-            except subprocess.CalledProcessError as err:
-                name = m if v is None else f"{m}-{v}"
-                failed.append(f"{name}-s{s}: `{' '.join(err.cmd[2:4])}` exited {err.returncode}; see {out}/{name}-s{s}.log")
-                print(failed[-1], file=sys.stderr, flush=True)
-                continue
-            rows.append(row)
-            with results.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+    jobs = {f"{m if v is None else f'{m}-{v}'}-s{s}": functools.partial(run_one, m, int(s), out, args.set,
+                                                                          args.window, args.limit, v)
+            for m in args.methods.split(",") for v in variants for s in args.seeds.split(",")}
+    rows, failed = run_jobs(jobs, args.workers, out / "results.jsonl",
+                            show=lambda name, new, _: print(json.dumps(new[0]), flush=True))
     if rows:
         (out / "table.md").write_text(table(rows))
         print(table(rows))

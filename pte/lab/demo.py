@@ -127,8 +127,53 @@ def train_method(base: Path, method: str, seed: int, cfg: DemoConfig, out: Path,
     return last
 
 
+class HeldOut:
+    """The demo's evaluation: every window of ``cfg.eval_windows`` on the same held-out problems, greedy, at the
+    recipe's evict fraction and length. Built where it runs (a training worker evaluates its own run, so the
+    evaluations overlap other runs' training)."""
+
+    def __init__(self, base: Path, cfg: DemoConfig, out: Path):
+        from pte.lab.pretrain import recipe_task
+        from pte.models import load
+
+        self.base, self.cfg, self.out = base, cfg, out
+        self.model, self.tok = load(str(base), dtype="float32")
+        self.task = recipe_task(base)
+        self.recipe = recipe(base, "pte", cfg.pte_seeds[0], cfg, out, 1)
+        self.examples = self.task.examples(cfg.eval_problems, seed=EVAL_SEED)
+        self.sampling = Sampling(max_new_tokens=self.recipe.sampling.max_new_tokens, temperature=0,
+                                 eos_token_ids=(self.tok.eos_token_id,))
+
+    def __call__(self, name: str, adapter_dir: Path | None = None) -> list:
+        from pte.adapter import load as load_adapter
+        from pte.evaluate import evaluate, write_run
+
+        adapter = None if adapter_dir is None else load_adapter(self.model, adapter_dir)
+        try:
+            results = [evaluate(self.model, self.tok, self.examples, self.task.score,
+                                spec=CacheSpec(window=w, evict_fraction=self.recipe.cache.evict_fraction),
+                                sampling=self.sampling, batch_size=100, adapter=adapter, progress=False, seed=0)
+                       for w in self.cfg.eval_windows]
+        finally:
+            if adapter is not None:
+                adapter.detach()
+        write_run(self.out / f"eval-{name}", results, {"model": str(self.base), "method": name,
+                                                        "benchmark": "long_range", "seed": EVAL_SEED})
+        return results
+
+
+def train_and_eval(base: Path, method: str, seed: int, cfg: DemoConfig, out: Path, threads: int | None = None,
+                   progress: bool = True) -> tuple[dict, list]:
+    """One run: GRPO, then :class:`HeldOut` on its last checkpoint. -> (last step's metrics, eval results)."""
+    from pte.checkpoint import latest
+
+    last = train_method(base, method, seed, cfg, out, threads, progress)
+    name = run_name(method, seed)
+    return last, HeldOut(base, cfg, out)(name, latest(out / f"train-{name}"))
+
+
 def train_all(base: Path, cfg: DemoConfig, out: Path, log) -> dict:
-    """GRPO for every run of :meth:`DemoConfig.runs`, keyed by :func:`run_name`. A tiny model's step is bound by
+    """:func:`train_and_eval` for every run of :meth:`DemoConfig.runs`, keyed by :func:`run_name`. A tiny model's step is bound by
     per-op overhead, not arithmetic, so a second thread buys nothing and a second process does: with
     ``cfg.workers > 1`` the runs train in that many processes at once, one thread each, the costliest first. The
     main process shows their progress from their metrics files. Each run is seeded and single-threaded, so its
@@ -137,13 +182,13 @@ def train_all(base: Path, cfg: DemoConfig, out: Path, log) -> dict:
     for m, s in runs:  # metrics.jsonl appends, and the progress display reads it: a rerun starts clean
         shutil.rmtree(out / f"train-{run_name(m, s)}", ignore_errors=True)
     if cfg.workers <= 1:
-        return {run_name(m, s): train_method(base, m, s, cfg, out) for m, s in runs}
+        return {run_name(m, s): train_and_eval(base, m, s, cfg, out) for m, s in runs}
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     progress = _Progress({run_name(m, s): recipe(base, m, s, cfg, out, 1).run.steps for m, s in runs}, out, log)
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {run_name(m, s): pool.submit(train_method, base, m, s, cfg, out, 1, False) for m, s in runs}
+        futures = {run_name(m, s): pool.submit(train_and_eval, base, m, s, cfg, out, 1, False) for m, s in runs}
         while not all(f.done() for f in futures.values()):
             time.sleep(2)
             progress.update()
@@ -196,11 +241,7 @@ class _Progress:
 def demo(quick: bool = False, out: str | None = None, cfg: DemoConfig | None = None) -> int:
     """``cfg`` (default: :meth:`DemoConfig.quick` with ``quick``, else :class:`DemoConfig`); ``quick`` also shortens
     the exactness check."""
-    from pte.adapter import load as load_adapter
-    from pte.evaluate import EvalResult, compare, evaluate, write_run
-    from pte.models import load
-    from pte.lab.pretrain import recipe_task
-    from pte.checkpoint import latest as latest_checkpoint
+    from pte.evaluate import compare
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -219,48 +260,36 @@ def demo(quick: bool = False, out: str | None = None, cfg: DemoConfig | None = N
         f"({'ok' if err < 1e-3 else 'FAILED'})")
 
     base = base_model_dir(log)
-    model, tok = load(str(base), dtype="float32")
-    task = recipe_task(base)
-    pte_recipe = recipe(base, "pte", cfg.pte_seeds[0], cfg, out_dir, 1)
-    window, evict_fraction = pte_recipe.cache.window, pte_recipe.cache.evict_fraction
+    held_out = HeldOut(base, cfg, out_dir)
+    model, task, pte_recipe = held_out.model, held_out.task, held_out.recipe
+    window = pte_recipe.cache.window
     if pte_recipe.data.task_options != {"hops": task.hops, "filler": task.filler}:
         raise ValueError(f"configs/long_range_pte.yaml trains on {pte_recipe.data.task_options}, but the base model "
                          f"{base} was trained on hops {task.hops}, filler {task.filler}; make them agree")
     task.check_difficulty(model.config.num_hidden_layers, window)
-    examples = task.examples(cfg.eval_problems, seed=EVAL_SEED)
-    sampling = Sampling(max_new_tokens=pte_recipe.sampling.max_new_tokens, temperature=0,
-                        eos_token_ids=(tok.eos_token_id,))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"2. base model {base} ({n_params / 1e6:.2f}M parameters; task: {task.hops} hops, filler {task.filler}, "
         f"answer {task.thought_tokens_before_answer()} tokens after it is written)")
 
-    def eval_all(name: str, adapter=None) -> list[EvalResult]:
-        results = [evaluate(model, tok, examples, task.score, spec=CacheSpec(window=w, evict_fraction=evict_fraction),
-                            sampling=sampling, batch_size=100, adapter=adapter, progress=False, seed=0)
-                   for w in cfg.eval_windows]
-        write_run(out_dir / f"eval-{name}", results, {"model": str(base), "method": name, "benchmark": "long_range",
-                                                       "seed": EVAL_SEED})
+    def show(name: str, results: list) -> None:
         log(f"   {name:9s} " + "  ".join(f"{r.summary.label}: {100 * r.summary.pass1:5.1f}%" for r in results))
-        return results
 
-    evals = {"base": eval_all("base")}
+    evals = {"base": held_out("base")}
+    show("base", evals["base"])
     g, o = pte_recipe.grpo, pte_recipe.optim
     log(f"3. GRPO from configs/long_range_{{lora,lora_c,pte}}.yaml: {pte_recipe.run.steps} steps x {g.prompts_per_step} "
         f"prompts x {g.group_size} samples, {g.num_iterations} passes per batch, lr {o.lr} ({o.schedule}), window "
         f"{window} for LoRA_c and PTE, full cache for LoRA; PTE on seeds {list(cfg.pte_seeds)}, LoRA and LoRA_c "
         f"on seed {cfg.pte_seeds[0]}" + (f"; {cfg.workers} training processes at once, one thread each"
-                                         if cfg.workers > 1 else ""))
-    trained = train_all(base, cfg, out_dir, log)
-    for name, m in trained.items():
+                                         if cfg.workers > 1 else "") + f"; each run then evaluated on "
+        f"{cfg.eval_problems} held-out problems (greedy)")
+    done = train_all(base, cfg, out_dir, log)
+    trained = {name: m for name, (m, _) in done.items()}
+    for name, (m, results) in done.items():
         reward = "none (no group drawn had a signal)" if m["reward"] is None else f"{m['reward']:.2f}"
         log(f"   {name}: last-step reward {reward}, {m['train_seconds']:.0f}s")
-    log(f"4. evaluation on {cfg.eval_problems} held-out problems (greedy)")
-    for name in trained:
-        adapter = load_adapter(model, latest_checkpoint(out_dir / f"train-{name}"))
-        try:
-            evals[name] = eval_all(name, adapter)
-        finally:
-            adapter.detach()
+        show(name, results)
+        evals[name] = results
     compare([str(out_dir / f"eval-{m}") for m in evals], out_dir / "compare")
     table = results_table(evals, trained, window)
     (out_dir / "demo.md").write_text(table)
