@@ -1,6 +1,6 @@
 """One draw per rollout against ``grpo.adaptive_draws``, side by side in one process, on a trained adapter.
 
-    python scripts/bench_draws.py --method pte --adapter runs/long_range_pte/checkpoint-000150 [--steps 8]
+    python scripts/bench_draws.py --method pte --adapter runs/long_range_pte/checkpoint-000100 [--steps 8]
 
 Both runs load the method's recipe (``configs/long_range_{method}.yaml``) and the same adapter, and draw the same
 prompt stream; they alternate step by step (sequential, adaptive, sequential, ...), so a shared machine's load hits

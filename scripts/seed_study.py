@@ -6,7 +6,7 @@
 Each (method, seed) is exactly the two README commands, run as subprocesses (the eval with OMP_NUM_THREADS=1):
 
     pte train --config configs/long_range_{method}.yaml --set run.seed=S --set run.out_dir=OUT/{method}-s{S}
-    pte eval --model pte/assets/long_range_base --adapter OUT/{method}-s{S}/checkpoint-000150 \
+    pte eval --model pte/assets/long_range_base --adapter OUT/{method}-s{S}/checkpoint-000100 \
         --benchmark long_range --seed 30000001 --limit 200 --cache-window 8 --temperature 0 --max-new-tokens 66 \
         --batch-size 200 --out OUT/{method}-s{S}/eval
 
