@@ -98,12 +98,12 @@ def plot(rows: list[dict], path: Path, policies: list[str], windows: list[int]) 
             if not all(accs):
                 continue
             mean = [sum(a) / len(a) for a in accs]
-            lines.append(Line(p, windows, mean, yerr=([y - min(a) for y, a in zip(mean, accs)],
+            lines.append(Line(p, list(range(len(windows))), mean, yerr=([y - min(a) for y, a in zip(mean, accs)],
                                                       [max(a) - y for y, a in zip(mean, accs)])))
         n = len({r["seed"] for r in rows if r["method"] == m})
         title = m if m == "base" else f"{m} (mean of {n} seed{'s' * (n > 1)}, bars: min-max)"
         panels.append(Panel(lines, xlabel="window (thought tokens)", ylabel="greedy accuracy %", title=title,
-                            log2_x=True, ylim=(-2, 102)))
+                            ylim=(-2, 102), xticks=[str(w) for w in windows]))
     return figure(path, panels, size=(5.5 * len(panels), 4.2))
 
 
