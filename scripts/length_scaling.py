@@ -26,19 +26,16 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from pte.lab.demo import EVAL_SEED  # the demo's held-out problems
-from pte.lab.jobs import run_jobs
+from pte.lab.jobs import ONE_THREAD, held_out_eval, run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 HOPS = 6
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def max_new_tokens(countdown: int) -> int:
@@ -68,14 +65,11 @@ def eval_dir(out: Path, method: str, seed: int | None, countdown: int, window: i
 
 def evaluate(base: Path, adapter: Path | None, countdown: int, window: int | None, limit: int, out: Path,
              log) -> dict:
-    cmd = [sys.executable, "-m", "pte", "eval", "--model", str(base), "--benchmark", "long_range",
-           "--task-option", f"countdown={countdown}", "--task-option", f"hops={HOPS}", "--seed", str(EVAL_SEED),
-           "--limit", str(limit), "--temperature", "0", "--max-new-tokens", str(max_new_tokens(countdown)),
-           "--batch-size", str(limit), "--out", str(out)]
-    cmd += ["--adapter", str(adapter)] if adapter else []
-    cmd += ["--cache-window", str(window)] if window else []
+    cmd = held_out_eval(base, out, max_new_tokens=max_new_tokens(countdown), limit=limit, adapter=adapter,
+                        windows=str(window) if window else None,
+                        extra=("--task-option", f"countdown={countdown}", "--task-option", f"hops={HOPS}"))
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV)
+    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=ONE_THREAD)
     s = json.loads((out / "summary.json").read_text())["runs"][0]
     return {"countdown": countdown, "window": window, "accuracy": s["pass1"], "ci": [s["ci_low"], s["ci_high"]],
             "eval_seconds": round(time.perf_counter() - t0, 1), **diagnose(out, countdown)}
@@ -91,7 +85,7 @@ def run_method(method: str, seed: int, args) -> list[dict]:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pte", "train", "--config", str(ROOT / f"configs/long_range_{method}.yaml"),
                     *sum([["--set", s] for s in sets], [])], check=True, stdout=log, stderr=subprocess.STDOUT,
-                   cwd=ROOT, env=ENV)
+                   cwd=ROOT, env=ONE_THREAD)
     train_s = round(time.perf_counter() - t0, 1)
     from pte.checkpoint import latest
 

@@ -8,7 +8,9 @@ checkpoint) is evaluated with every policy, and so is the base model without an 
 README command, run as a subprocess with one thread:
 
     pte eval --model pte/assets/long_range_base [--adapter CKPT] --benchmark long_range --seed 30000001 \
-        --limit 200 --cache-window 4,8,16 --temperature 0 --max-new-tokens 66 --policy P --batch-size 200 --out DIR
+        --limit 200 --temperature 0 --max-new-tokens N --batch-size 200 --out DIR --policy P --cache-window 4,8,16
+
+(``N``: the run's ``sampling.max_new_tokens``, 66 in the shipped recipes.)
 
 One JSON line per (run, policy, window) goes to OUT/results.jsonl; OUT/table.md has every seed with its 95%
 interval and each method's mean; OUT/policies.png plots each method's mean accuracy per window and policy, with
@@ -20,19 +22,17 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from pte.config import load_config
 from pte.eviction import POLICIES
-from pte.lab.demo import EVAL_SEED  # the demo's held-out problems
-from pte.lab.jobs import run_jobs
+from pte.lab.jobs import ONE_THREAD, held_out_eval, run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "pte/assets/long_range_base"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # beside another evaluation: docs/log.md, 2026-12-07
 
 
 def _label(run: dict) -> str:
@@ -43,14 +43,11 @@ def evaluate(run: dict, policy: str, args, out: Path) -> list[dict]:
     """One policy over every window for one run (``run["checkpoint"]`` None: the base model)."""
     label = _label(run)
     eval_dir = out / f"{label}-{policy}"
-    cmd = [sys.executable, "-m", "pte", "eval", "--model", str(BASE), "--benchmark", "long_range", "--seed",
-           str(EVAL_SEED), "--limit", str(args.limit), "--cache-window", ",".join(map(str, args.windows)),
-           "--temperature", "0", "--max-new-tokens", str(args.max_new_tokens), "--policy", policy,
-           "--batch-size", str(args.limit), "--out", str(eval_dir)]
-    cmd += ["--adapter", run["checkpoint"]] if run["checkpoint"] else []
+    cmd = held_out_eval(BASE, eval_dir, max_new_tokens=run["max_new_tokens"], limit=args.limit,
+                        adapter=run["checkpoint"], windows=",".join(map(str, args.windows)), extra=("--policy", policy))
     t0 = time.perf_counter()
     with (out / f"{label}-{policy}.log").open("w") as log:  # the job's log (pte.lab.jobs)
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV)
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=ONE_THREAD)
     seconds = round(time.perf_counter() - t0, 1)
     summaries = json.loads((eval_dir / "summary.json").read_text())["runs"]
     return [{"method": run["method"], "seed": run["seed"], "policy": policy, "window": s["window"],
@@ -114,7 +111,6 @@ def main() -> int:
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--windows", default="4,8,16")
     ap.add_argument("--limit", type=int, default=200)
-    ap.add_argument("--max-new-tokens", type=int, default=66, help="the recipes' sampling.max_new_tokens")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-base", action="store_true", help="skip the base model")
     ap.add_argument("--replot", action="store_true", help="only redraw the table and plot from OUT/results.jsonl")
@@ -137,9 +133,13 @@ def main() -> int:
     if not study.exists():
         ap.error(f"--study {args.study}: no results.jsonl there; pass a directory written by scripts/seed_study.py")
     runs = [json.loads(line) for line in study.read_text().splitlines()]
-    runs = [{"method": r["method"], "seed": r["seed"], "checkpoint": r["checkpoint"]} for r in runs]
+    # each run is evaluated at the length it was trained with (its config.json), the base at the PTE recipe's
+    runs = [{"method": r["method"], "seed": r["seed"], "checkpoint": r["checkpoint"], "max_new_tokens": json.loads(
+        (Path(r["checkpoint"]).parent / "config.json").read_text())["sampling"]["max_new_tokens"]} for r in runs]
     if not args.no_base:
-        runs.append({"method": "base", "seed": None, "checkpoint": None})
+        recipe = load_config(str(ROOT / "configs/long_range_pte.yaml"))
+        runs.append({"method": "base", "seed": None, "checkpoint": None,
+                     "max_new_tokens": recipe.sampling.max_new_tokens})
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.jsonl").write_text("")
     jobs = {f"{_label(r)}-{p}": functools.partial(evaluate, r, p, args, out) for r in runs for p in policies}

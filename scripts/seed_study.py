@@ -27,14 +27,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from pte.lab.demo import EVAL_SEED  # the demo's held-out problems
-from pte.lab.jobs import run_jobs
+from pte.lab.jobs import ONE_THREAD, held_out_eval, run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 # ablations at rank 8: the number of global tokens (Fig. 4c; "global0" is the paper's #Global-0, a state that is
@@ -65,15 +63,10 @@ def run_one(method: str, seed: int, out: Path, overrides: list[str], window: int
 
     ckpt = latest(run_dir)
     max_new = json.loads((run_dir / "config.json").read_text())["sampling"]["max_new_tokens"]
-    ev = [sys.executable, "-m", "pte", "eval", "--model", str(ROOT / "pte/assets/long_range_base"), "--adapter",
-          str(ckpt), "--benchmark", "long_range", "--seed", str(EVAL_SEED), "--limit", str(limit), "--cache-window",
-          str(window), "--temperature", "0", "--max-new-tokens", str(max_new), "--batch-size", str(limit),
-          "--out", str(run_dir / "eval")]
+    ev = held_out_eval(ROOT / "pte/assets/long_range_base", run_dir / "eval", max_new_tokens=max_new, limit=limit,
+                       adapter=ckpt, windows=str(window))
     t1 = time.perf_counter()
-    # one thread, as the training runs: a default-threaded eval beside another run oversubscribes the cores
-    # (docs/log.md, 2026-12-07)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(ev, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    subprocess.run(ev, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=ONE_THREAD)
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())["runs"][0]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rewards = [m["reward"] for m in metrics if m.get("reward") is not None]
